@@ -1,0 +1,1 @@
+"""Applications built on the toolkit (the Gradio comparison demo)."""

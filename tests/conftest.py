@@ -1,0 +1,37 @@
+"""Shared test helpers: where the recorded fixtures are, and how a missing one is handled.
+
+``TOOLKIT_FIXTURES`` (default ``../shared/fixtures`` beside the repository)
+holds files recorded from real Caffe and real reference evaluators.  Without
+them a fixture test is skipped with the reason, except under ``CI=true``,
+where a missing fixture fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixtures_root() -> Path:
+    return Path(os.environ.get("TOOLKIT_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+
+
+def require_fixture(relative: str) -> Path:
+    """Path of a fixture file or folder; skip (or fail under CI=true) when it is missing."""
+    path = fixtures_root() / relative
+    if not path.exists():
+        message = f"fixture {path} not found (set TOOLKIT_FIXTURES to the shared fixtures folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def voc_mini() -> Path:
+    """``voc2012_mini``: 60 real VOC2012 images, XMLs, detections and expected mAPs."""
+    return require_fixture("voc2012_mini")

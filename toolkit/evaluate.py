@@ -1,0 +1,111 @@
+"""Evaluate detections: VOC submission files (VOC07 / VOC12 AP) or COCO results (COCO AP).
+
+VOC::
+
+    python -m toolkit.evaluate --voc-root data/VOCdevkit --year 2007 --split test \\
+        --detections results/ --metric voc07 --json map.json [--plot pr.png]
+
+reads ``<detections>/comp4_det_<split>_<class>.txt`` (``image_id score xmin ymin
+xmax ymax``, 1-based pixels) and the ground truth of
+``<voc-root>/VOC<year>/ImageSets/Main/<split>.txt``; ``--json`` writes
+``{"metric": ..., "mAP": float, "ap": {class: float}}`` (fractions; classes with
+no non-difficult ground truth are left out of ``ap`` and of the mean).
+
+COCO::
+
+    python -m toolkit.evaluate --coco-annotations instances_val2017.json \\
+        --detections results.json --json coco.json [--plot pr.png]
+
+Both print a per-class table; ``--plot`` writes precision-recall curves (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from toolkit.data.errors import DatasetError
+from toolkit.data.labelmap import read_labelmap
+from toolkit.data.voc import VOC_CLASSES, VOCDetection
+from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
+from toolkit.evaluation.submission import SubmissionFormatError, ground_truth_from_voc, read_voc_submission
+from toolkit.evaluation.voc import METRICS, evaluate_voc
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "python -m toolkit.evaluate",
+        description="VOC07/VOC12 AP of VOC submission files, or COCO AP of a COCO results JSON.",
+        add_help=add_help,
+    )
+    p.add_argument("--voc-root", type=Path, help="VOCdevkit folder (or its parent, or VOC<year> itself)")
+    p.add_argument("--year", default="2007", help="VOC year: 2007 or 2012 (the VOC<year> folder); default 2007")
+    p.add_argument("--split", default="test", help="ImageSets/Main list name, e.g. test or val; default test")
+    p.add_argument("--detections", type=Path, required=True,
+                   help="VOC: folder of comp4_det_<split>_<class>.txt files; COCO: results JSON")
+    p.add_argument("--metric", choices=METRICS, default="voc07", help="VOC metric (default voc07)")
+    p.add_argument("--iou", type=float, default=0.5, help="VOC IoU threshold (default 0.5)")
+    p.add_argument("--labelmap", type=Path, help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
+    p.add_argument("--prefix", default="comp4", help="submission file prefix (default comp4)")
+    p.add_argument("--coco-annotations", type=Path, help="COCO instances JSON: evaluate --detections as COCO results")
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--plot", type=Path, help="write precision-recall curves (PNG) here")
+    return p
+
+
+def _run_voc(args) -> dict:
+    if args.voc_root is None:
+        raise SystemExit("error: --voc-root is required for VOC evaluation (or pass --coco-annotations)")
+    classes = read_labelmap(args.labelmap).foreground if args.labelmap else VOC_CLASSES
+    dataset = VOCDetection(args.voc_root, [(f"VOC{args.year}", args.split)], classes=classes)
+    gt = ground_truth_from_voc(dataset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        detections = read_voc_submission(args.detections, args.split, classes, prefix=args.prefix)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    result = evaluate_voc(gt, detections, classes, args.metric, args.iou)
+    extra = {
+        name: {"#gt": result.per_class[name].num_gt, "#det": result.per_class[name].num_detections,
+               "#tp": result.per_class[name].num_tp}
+        for name in result.ap
+    }
+    title = (f"VOC{args.year} {args.split}: {len(gt)} images, metric {args.metric}, IoU > {args.iou}"
+             f" ({len(classes) - len(result.ap)} class(es) without non-difficult ground truth left out)")
+    print(format_table(result.ap, result.mAP, title, extra))
+    if args.plot:
+        curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
+        plot_pr_curves(curves, args.plot, f"VOC{args.year} {args.split}, {args.metric}: mAP {100 * result.mAP:.2f}")
+    return result.to_json()
+
+
+def _run_coco(args) -> dict:
+    from toolkit.evaluation.coco import evaluate_coco
+
+    result = evaluate_coco(args.coco_annotations, args.detections)
+    print(result.summary.rstrip())
+    print(format_table(result.ap, result.mAP, f"COCO AP@[.50:.95] per class ({args.coco_annotations.name})"))
+    if args.plot:
+        plot_pr_curves(result.pr_curves, args.plot, f"COCO, IoU 0.5 (AP50 {100 * result.stats['AP50']:.2f})")
+    return result.to_json()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        out = _run_coco(args) if args.coco_annotations else _run_voc(args)
+    except (DatasetError, SubmissionFormatError, FileNotFoundError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if args.json:
+        write_json(out, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
