@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, given, settings
@@ -294,3 +293,49 @@ def test_distortion_changes_pixels_but_not_geometry():
         assert got["boxes"].tolist() == [[5.0, 5.0, 30.0, 40.0]]
         changed += int(not np.array_equal(out, image))
     assert changed >= 7
+
+
+def test_coverage_constraints_against_direct_computation():
+    from toolkit.data.transforms import BatchSampler, satisfies_constraint
+
+    rng = np.random.default_rng(11)
+    boxes = np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.9]])
+    samples = rng.uniform(0, 0.5, (200, 2))
+    samples = np.hstack([samples, samples + rng.uniform(0.1, 0.5, (200, 2))])
+    sampler = BatchSampler(0.3, 1, 0.5, 2, min_sample_coverage=0.5, min_object_coverage=0.3, max_trials=50)
+    got = satisfies_constraint(samples, boxes, sampler)
+    for s, g in zip(samples, got):
+        ok = False
+        for b in boxes:
+            iw = max(0.0, min(s[2], b[2]) - max(s[0], b[0]))
+            ih = max(0.0, min(s[3], b[3]) - max(s[1], b[1]))
+            inter = iw * ih
+            sample_cov = inter / ((s[2] - s[0]) * (s[3] - s[1]))
+            object_cov = inter / ((b[2] - b[0]) * (b[3] - b[1]))
+            ok |= sample_cov >= 0.5 and object_cov >= 0.3
+        assert g == ok
+    assert 0 < got.sum() < len(got)
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.integers(5, 60), st.integers(5, 60))
+def test_virtual_canvas_crop_equals_materialised_expand_then_crop(seed, h, w):
+    from toolkit.data.transforms import Expansion, crop_from_canvas
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    canvas, _ = expand_image(image, np.zeros((0, 4)), ExpandParams(prob=1.0), (104, 117, 123), np.random.default_rng(seed))
+    if canvas is image:
+        e = Expansion(h, w, 0, 0)
+    else:
+        res = cv2.matchTemplate(canvas, image, cv2.TM_SQDIFF)
+        y, x = np.unravel_index(np.argmin(res), res.shape)
+        e = Expansion(canvas.shape[0], canvas.shape[1], int(y), int(x))
+    ch_, cw_ = canvas.shape[:2]
+    for _ in range(5):
+        x0 = int(rng.integers(0, cw_))
+        y0 = int(rng.integers(0, ch_))
+        cw = int(rng.integers(1, cw_ - x0 + 1))
+        chh = int(rng.integers(1, ch_ - y0 + 1))
+        np.testing.assert_array_equal(crop_from_canvas(image, e, (x0, y0, cw, chh), (104, 117, 123)),
+                                      canvas[y0 : y0 + chh, x0 : x0 + cw])

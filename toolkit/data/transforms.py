@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -273,6 +274,63 @@ def distort_image(image: np.ndarray, params: DistortParams, rng: np.random.Gener
 
 
 # --------------------------------------------------------------------- expand
+@dataclass(frozen=True)
+class Expansion:
+    """A drawn expansion: the canvas size and where the image's top-left corner sits on it."""
+
+    canvas_h: int
+    canvas_w: int
+    y_off: int
+    x_off: int
+
+
+def draw_expansion(height: int, width: int, params: ExpandParams, rng: np.random.Generator) -> Optional[Expansion]:
+    """Caffe ``ExpandImage``'s random draws: ``None`` when the coin (``prob``) or the ratio
+    (``|ratio - 1| < 0.01``) says not to expand; offsets are floored to whole pixels."""
+    if rng.uniform() >= params.prob:
+        return None
+    ratio = rng.uniform(1.0, params.max_expand_ratio)
+    if abs(ratio - 1.0) < 1e-2:
+        return None
+    new_h, new_w = int(height * ratio), int(width * ratio)
+    y_off = int(math.floor(rng.uniform(0.0, new_h - height)))
+    x_off = int(math.floor(rng.uniform(0.0, new_w - width)))
+    return Expansion(new_h, new_w, y_off, x_off)
+
+
+def _fill_pixel(fill_bgr: Sequence[float]) -> np.ndarray:
+    # Caffe sets the canvas of a uint8 cv::Mat to the mean values, i.e. rounded.
+    return np.clip(np.rint(np.asarray(fill_bgr, dtype=np.float64)), 0, 255).astype(np.uint8)
+
+
+def crop_from_canvas(
+    image: np.ndarray, expansion: Expansion, window: tuple[int, int, int, int], fill_bgr: Sequence[float]
+) -> np.ndarray:
+    """The ``(x0, y0, w, h)`` window of the expanded canvas, without building the canvas.
+
+    Equal to cropping the output of :func:`expand_image`, but only the window is
+    allocated (the canvas can be 16 times the image).
+    """
+    x0, y0, cw, ch = window
+    h, w = image.shape[:2]
+    # The image's rectangle in window coordinates, intersected with the window.
+    ix0, iy0 = max(expansion.x_off - x0, 0), max(expansion.y_off - y0, 0)
+    ix1, iy1 = min(expansion.x_off + w - x0, cw), min(expansion.y_off + h - y0, ch)
+    if ix0 == 0 and iy0 == 0 and ix1 == cw and iy1 == ch:
+        sy, sx = y0 - expansion.y_off, x0 - expansion.x_off
+        return image[sy : sy + ch, sx : sx + cw]
+    fill = tuple(int(v) for v in _fill_pixel(fill_bgr))
+    if ix1 > ix0 and iy1 > iy0:
+        sy, sx = y0 + iy0 - expansion.y_off, x0 + ix0 - expansion.x_off
+        part = image[sy : sy + (iy1 - iy0), sx : sx + (ix1 - ix0)]
+        # One C pass for paste + fill (numpy's broadcast fill of 3-channel pixels is ~30x slower).
+        return cv2.copyMakeBorder(part, iy0, ch - iy1, ix0, cw - ix1, cv2.BORDER_CONSTANT, value=fill)
+    out = np.empty((ch, cw, 3), dtype=np.uint8)
+    for c in range(3):
+        out[:, :, c] = fill[c]
+    return out
+
+
 def expand_image(
     image: np.ndarray,
     boxes_xyxy: np.ndarray,
@@ -280,115 +338,114 @@ def expand_image(
     fill_bgr: Sequence[float],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe ``ExpandImage``: zoom out onto a mean-filled canvas.
+    """Caffe ``ExpandImage``: zoom out onto a mean-filled canvas (materialised).
 
     Args:
         image: ``uint8 (H, W, 3)``.
         boxes_xyxy: ``(N, 4)`` continuous pixels.
-        fill_bgr: canvas colour (Caffe uses the mean values, rounded into uint8).
+        fill_bgr: canvas colour (the mean values, rounded into uint8).
     Returns:
         ``(canvas (H', W', 3), boxes shifted by the offset)``; the inputs unchanged
-        when the coin or the ratio (|ratio - 1| < 0.01) says so.
+        when :func:`draw_expansion` says not to expand.
     """
-    if rng.uniform() >= params.prob:
-        return image, boxes_xyxy
-    ratio = rng.uniform(1.0, params.max_expand_ratio)
-    if abs(ratio - 1.0) < 1e-2:
-        return image, boxes_xyxy
     h, w = image.shape[:2]
-    new_h, new_w = int(h * ratio), int(w * ratio)
-    h_off = int(math.floor(rng.uniform(0.0, new_h - h)))
-    w_off = int(math.floor(rng.uniform(0.0, new_w - w)))
-    canvas = np.empty((new_h, new_w, 3), dtype=np.uint8)
-    canvas[:] = np.clip(np.rint(np.asarray(fill_bgr, dtype=np.float64)), 0, 255).astype(np.uint8)
-    canvas[h_off : h_off + h, w_off : w_off + w] = image
-    return canvas, boxes_xyxy + np.array([w_off, h_off, w_off, h_off], dtype=boxes_xyxy.dtype)
+    e = draw_expansion(h, w, params, rng)
+    if e is None:
+        return image, boxes_xyxy
+    canvas = crop_from_canvas(image, e, (0, 0, e.canvas_w, e.canvas_h), fill_bgr)
+    return canvas, boxes_xyxy + np.array([e.x_off, e.y_off, e.x_off, e.y_off], dtype=boxes_xyxy.dtype)
 
 
 # ------------------------------------------------------------ batch sampling
-def jaccard_normalized(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one normalized box ``(4,)`` with ``(N, 4)`` normalized boxes (no +1)."""
-    ix0 = np.maximum(box[0], boxes[:, 0])
-    iy0 = np.maximum(box[1], boxes[:, 1])
-    ix1 = np.minimum(box[2], boxes[:, 2])
-    iy1 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (box[2] - box[0]) * (box[3] - box[1])
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area_a + area_b - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+def _intersection(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Pairwise intersection areas of normalized boxes: ``(T, 4) x (N, 4) -> (T, N)``."""
+    ix0 = np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0])
+    iy0 = np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1])
+    ix1 = np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2])
+    iy1 = np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3])
+    return np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
 
 
-def _coverage(box: np.ndarray, boxes: np.ndarray, of_box: bool) -> np.ndarray:
-    """Intersection over the area of ``box`` (``of_box``) or of each of ``boxes``."""
-    ix0 = np.maximum(box[0], boxes[:, 0])
-    iy0 = np.maximum(box[1], boxes[:, 1])
-    ix1 = np.minimum(box[2], boxes[:, 2])
-    iy1 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    if of_box:
-        area = np.full(len(boxes), (box[2] - box[0]) * (box[3] - box[1]))
-    else:
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return np.where(area > 0, inter / np.where(area > 0, area, 1.0), 0.0)
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def satisfies_constraint(sample: np.ndarray, boxes_norm: np.ndarray, sampler: BatchSampler) -> bool:
-    """Caffe ``SatisfySampleConstraint``: true when no constraint is set, or when at
-    least one object meets every set bound (Jaccard, sample coverage, object coverage).
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def satisfies_constraint(samples: np.ndarray, boxes_norm: np.ndarray, sampler: BatchSampler) -> np.ndarray:
+    """Caffe ``SatisfySampleConstraint`` for ``(T, 4)`` normalized samples → bool ``(T,)``.
+
+    A sample satisfies the constraint when none is set, or when at least one object
+    meets every set bound: Jaccard overlap, sample coverage (intersection over the
+    sample's area) and object coverage (intersection over the object's area).
+    (Caffe's loop also counts an object that passed the Jaccard test but failed a
+    later coverage test; the SSD recipes set Jaccard bounds only, where both agree.)
     """
+    samples = np.asarray(samples, dtype=np.float64).reshape(-1, 4)
+    s = sampler
+    has_jaccard = s.min_jaccard_overlap is not None or s.max_jaccard_overlap is not None
+    has_sample_cov = s.min_sample_coverage is not None or s.max_sample_coverage is not None
+    has_object_cov = s.min_object_coverage is not None or s.max_object_coverage is not None
+    if not (has_jaccard or has_sample_cov or has_object_cov):
+        return np.ones(len(samples), dtype=bool)
+    inter = _intersection(samples, boxes_norm)
+    area_s = _area(samples)[:, None]
+    area_b = _area(boxes_norm)[None, :]
+    ok = np.ones(inter.shape, dtype=bool)
     checks = []
-    if sampler.min_jaccard_overlap is not None or sampler.max_jaccard_overlap is not None:
-        checks.append((jaccard_normalized(sample, boxes_norm), sampler.min_jaccard_overlap, sampler.max_jaccard_overlap))
-    if sampler.min_sample_coverage is not None or sampler.max_sample_coverage is not None:
-        checks.append((_coverage(sample, boxes_norm, True), sampler.min_sample_coverage, sampler.max_sample_coverage))
-    if sampler.min_object_coverage is not None or sampler.max_object_coverage is not None:
-        checks.append((_coverage(sample, boxes_norm, False), sampler.min_object_coverage, sampler.max_object_coverage))
-    if not checks:
-        return True
-    ok = np.ones(len(boxes_norm), dtype=bool)
+    if has_jaccard:
+        checks.append((_safe_div(inter, area_s + area_b - inter), s.min_jaccard_overlap, s.max_jaccard_overlap))
+    if has_sample_cov:
+        checks.append((_safe_div(inter, np.broadcast_to(area_s, inter.shape)), s.min_sample_coverage, s.max_sample_coverage))
+    if has_object_cov:
+        checks.append((_safe_div(inter, np.broadcast_to(area_b, inter.shape)), s.min_object_coverage, s.max_object_coverage))
     for values, lo, hi in checks:
         if lo is not None:
             ok &= values >= lo
         if hi is not None:
             ok &= values <= hi
-    return bool(ok.any())
+    return ok.any(axis=1)
 
 
-def sample_box(sampler: BatchSampler, rng: np.random.Generator) -> np.ndarray:
-    """Caffe ``SampleBBox``: a normalized ``(xmin, ymin, xmax, ymax)`` inside the unit square."""
-    scale = rng.uniform(sampler.min_scale, sampler.max_scale)
-    aspect = rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio)
-    # Clamp so that neither side exceeds 1.
-    aspect = min(max(aspect, scale**2), 1.0 / scale**2)
-    w = min(scale * math.sqrt(aspect), 1.0)
-    h = min(scale / math.sqrt(aspect), 1.0)
-    x0 = rng.uniform(0.0, 1.0 - w)
-    y0 = rng.uniform(0.0, 1.0 - h)
-    return np.array([x0, y0, x0 + w, y0 + h], dtype=np.float64)
+def sample_boxes(sampler: BatchSampler, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Caffe ``SampleBBox`` drawn ``count`` times: ``(count, 4)`` normalized boxes in the unit square.
+
+    scale ~ U[min_scale, max_scale], aspect ~ U[min_aspect, max_aspect] clamped to
+    [scale², 1 / scale²] so that neither side exceeds 1; width = scale·√aspect,
+    height = scale/√aspect; the corner is uniform over the positions that fit.
+    """
+    scale = rng.uniform(sampler.min_scale, sampler.max_scale, count)
+    aspect = rng.uniform(sampler.min_aspect_ratio, sampler.max_aspect_ratio, count)
+    aspect = np.minimum(np.maximum(aspect, scale**2), 1.0 / scale**2)
+    w = np.minimum(scale * np.sqrt(aspect), 1.0)
+    h = np.minimum(scale / np.sqrt(aspect), 1.0)
+    x0 = rng.uniform(0.0, 1.0, count) * (1.0 - w)
+    y0 = rng.uniform(0.0, 1.0, count) * (1.0 - h)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1)
 
 
 def generate_batch_samples(
     boxes_norm: np.ndarray, samplers: Sequence[BatchSampler], rng: np.random.Generator
 ) -> list[np.ndarray]:
     """Caffe ``GenerateBatchSamples``: every sampler tries ``max_trials`` boxes and keeps
-    up to ``max_sample`` that satisfy its constraint.
+    the first ``max_sample`` that satisfy its constraint.
+
+    The trials of one sampler are drawn and tested at once (the same distribution and
+    the same "first successes" rule as Caffe's sequential loop).
 
     Args:
         boxes_norm: ``(N, 4)`` object boxes normalized by the image size.
     Returns:
         Candidate crops, normalized ``(4,)`` arrays (possibly empty).
     """
+    boxes_norm = np.asarray(boxes_norm, dtype=np.float64).reshape(-1, 4)
     out: list[np.ndarray] = []
     for sampler in samplers:
-        found = 0
-        for _ in range(sampler.max_trials):
-            if found >= sampler.max_sample:
-                break
-            sample = sample_box(sampler, rng)
-            if satisfies_constraint(sample, boxes_norm, sampler):
-                found += 1
-                out.append(sample)
+        trials = sample_boxes(sampler, sampler.max_trials, rng)
+        good = np.flatnonzero(satisfies_constraint(trials, boxes_norm, sampler))[: sampler.max_sample]
+        out.extend(trials[good])
     return out
 
 
@@ -497,27 +554,55 @@ class SSDTrainTransform:
         self.rng = rng
         self._warp = _WarpAndMirror(self.size_hw, self.interpolations)
 
-    def augment(self, image: np.ndarray, target: dict, rng: Optional[np.random.Generator] = None):
-        """Steps 1–6 on ``uint8`` BGR; returns ``(uint8 image, target)`` (no preprocessing)."""
+    def augment(
+        self,
+        image: np.ndarray,
+        target: dict,
+        rng: Optional[np.random.Generator] = None,
+        timings: Optional[dict] = None,
+    ):
+        """Steps 1–6 on ``uint8`` BGR; returns ``(uint8 image, target)`` (no preprocessing).
+
+        ``timings``, when given, accumulates seconds per stage ("distort", "expand +
+        crop", "warp + mirror") for profiling (``bench/bench_data_pipeline.py``).
+        """
         rng = rng or self.rng or process_rng()
+        clock = time.perf_counter if timings is not None else None
+        t0 = clock() if clock else 0.0
         boxes, labels, difficult = _unpack(target)
         if self.distort is not None:
             image = distort_image(image, self.distort, rng)
-        if self.expand is not None:
-            image, boxes = expand_image(image, boxes, self.expand, self.preprocess.mean_bgr, rng)
+        if clock:
+            t1 = clock()
+            timings["distort"] = timings.get("distort", 0.0) + t1 - t0
+            t0 = t1
         h, w = image.shape[:2]
+        expansion = draw_expansion(h, w, self.expand, rng) if self.expand is not None else None
+        if expansion is not None:
+            # The canvas stays virtual: only the crop window is ever allocated.
+            h, w = expansion.canvas_h, expansion.canvas_w
+            boxes = boxes + np.array([expansion.x_off, expansion.y_off] * 2, dtype=np.float64)
+        else:
+            expansion = Expansion(h, w, 0, 0)
         scale = np.array([w, h, w, h], dtype=np.float64)
         candidates = generate_batch_samples(boxes / scale, self.samplers, rng) if self.samplers else []
+        window = (0, 0, w, h)
         if candidates:
             crop = candidates[int(rng.integers(len(candidates)))]
             keep, proj = crop_boxes(boxes / scale, crop)
-            x0, y0, cw, ch = _crop_window(crop, w, h)
-            image = image[y0 : y0 + ch, x0 : x0 + cw]
-            boxes = proj * np.array([cw, ch, cw, ch], dtype=np.float64)
+            window = _crop_window(crop, w, h)
+            boxes = proj * np.array([window[2], window[3]] * 2, dtype=np.float64)
             labels, difficult = labels[keep], difficult[keep]
+        image = np.ascontiguousarray(crop_from_canvas(image, expansion, window, self.preprocess.mean_bgr))
+        if clock:
+            t1 = clock()
+            timings["expand + crop"] = timings.get("expand + crop", 0.0) + t1 - t0
+            t0 = t1
         interp = int(rng.integers(len(self.interpolations)))
         mirror = bool(self.mirror and rng.integers(2))
-        image, boxes, index = self._warp(np.ascontiguousarray(image), boxes, interp, mirror)
+        image, boxes, index = self._warp(image, boxes, interp, mirror)
+        if clock:
+            timings["warp + mirror"] = timings.get("warp + mirror", 0.0) + clock() - t0
         return image, _repack(target, boxes, labels[index], difficult[index])
 
     def __call__(self, image: np.ndarray, target: dict):

@@ -31,7 +31,7 @@ is the same algorithm as a plain per-detection loop; tests and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -162,12 +162,18 @@ def _iou_voc(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (area_a + area_b - inter)
 
 
-def _class_gt(gt: Mapping[str, ImageGT], label: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    out = {}
+def _gt_by_label(gt: Mapping[str, ImageGT], num_classes: int) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One pass over the images: ``out[label][image_id] = (boxes_voc, difficult)`` of that label."""
+    out: list[dict] = [{} for _ in range(num_classes + 1)]
     for image_id, g in gt.items():
-        m = g.labels == label
-        if m.any():
-            out[image_id] = (g.boxes_voc[m], g.difficult[m])
+        if len(g.labels) == 0:
+            continue
+        bad = (g.labels < 1) | (g.labels > num_classes)
+        if bad.any():
+            raise ValueError(f"image {image_id}: label(s) {g.labels[bad].tolist()} outside 1..{num_classes}")
+        for label in np.unique(g.labels):
+            m = g.labels == label
+            out[int(label)][image_id] = (g.boxes_voc[m], g.difficult[m])
     return out
 
 
@@ -309,10 +315,11 @@ def evaluate_voc(
     matcher = matcher or match_class
     ap: dict[str, float] = {}
     per_class: dict[str, ClassResult] = {}
+    gt_by_label = _gt_by_label(gt, len(classes))
     for label, name in enumerate(classes, start=1):
         dets = detections.get(name) or ClassDetections.empty()
         _check_image_ids(dets, gt, name)
-        class_gt = _class_gt(gt, label)
+        class_gt = gt_by_label[label]
         npos = int(sum(int((~dif).sum()) for _, dif in class_gt.values()))
         tp, fp = matcher(class_gt, dets, iou_threshold)
         tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
