@@ -168,3 +168,21 @@ def test_corrupt_or_missing_image_names_the_file(tmp_path, voc_mini):
         ds[0]
     with pytest.raises(ImageReadError, match=rf"{ids[1]}\.jpg: cannot read image"):
         ds[1]
+
+
+def test_class_names_from_a_caffe_labelmap(tmp_path, voc_mini):
+    from conftest import require_fixture
+
+    _make_voc(tmp_path, voc_mini)
+    labelmap = require_fixture("caffe/prototxt/labelmap_voc.prototxt")
+    ds = build_dataset("voc07", "train", root=tmp_path, labelmap=labelmap)
+    assert ds.classes == ("background", *VOC_CLASSES)
+    # A labelmap that lacks a class present in the XML is an error naming the file.
+    short = tmp_path / "short.prototxt"
+    short.write_text('item { name: "none_of_the_above" label: 0 display_name: "background" }\n'
+                     'item { name: "cat" label: 1 display_name: "cat" }\n')
+    ds = build_dataset("voc07", "train", root=tmp_path, labelmap=short)
+    assert ds.classes == ("background", "cat")
+    with pytest.raises(AnnotationError, match="unknown class"):
+        for i in range(len(ds)):
+            ds.get_annotation(i)

@@ -69,6 +69,7 @@ def build_dataset(
     root: Optional[str | os.PathLike] = None,
     transform: Optional[Callable] = None,
     keep_difficult: bool = True,
+    labelmap: Optional[str | os.PathLike] = None,
 ):
     """Build a dataset by preset name.
 
@@ -77,6 +78,8 @@ def build_dataset(
             or a named VOC split such as ``voc07test``).
         split: ``"train"`` or ``"test"``: which of the preset's splits.
         root: data root (default :func:`data_root`).
+        labelmap: VOC only: a Caffe labelmap prototxt whose labels 1..K (display
+            names) replace the 20 VOC class names.
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
@@ -87,8 +90,16 @@ def build_dataset(
     if which is None:
         raise ValueError(f"dataset {name!r} has no {split} split with public annotations")
     root = Path(root) if root is not None else data_root()
+    if labelmap is not None and preset.kind != "voc":
+        raise ValueError(f"labelmap applies to VOC datasets, not {name!r}")
     if preset.kind == "voc":
-        return VOCDetection(root / "VOCdevkit", VOC_SPLITS[which], transform=transform, keep_difficult=keep_difficult)
+        classes = VOC_CLASSES
+        if labelmap is not None:
+            from toolkit.data.labelmap import read_labelmap
+
+            classes = read_labelmap(labelmap).foreground
+        return VOCDetection(root / "VOCdevkit", VOC_SPLITS[which], classes=classes, transform=transform,
+                            keep_difficult=keep_difficult)
     if preset.kind == "coco":
         from toolkit.data.coco import COCODetection
 
