@@ -1,0 +1,2 @@
+"""SSD-family detectors and their components: priors, box coding, MultiBoxLoss,
+DetectionOutput post-processing."""

@@ -1,0 +1,147 @@
+"""SSD post-processing with SSD-Caffe's ``DetectionOutput`` semantics.
+
+For every image and every class except the background, in ascending label order:
+
+1. decode the location outputs against the priors (:func:`decode_boxes`; with
+   ``share_location=False`` each class has its own boxes);
+2. keep candidates whose score is **strictly** greater than
+   ``confidence_threshold``, sort them by descending score with a *stable*
+   sort (ties keep prior order), cut to ``top_k``;
+3. greedy NMS: a box is kept if its IoU (normalized, no ``+1``) with every kept
+   box is ``<= threshold``; with ``eta < 1`` the threshold is multiplied by
+   ``eta`` after each kept box while it is above 0.5 (adaptive NMS);
+4. if ``keep_top_k > -1`` and the image has more detections, keep the
+   ``keep_top_k`` highest scores over all classes.
+
+Detections of an image are ordered by label ascending, then score descending.
+With ``eta == 1`` and boxes of non-negative size, step 3 runs in torchvision's
+``nms`` (the same keep rule); the candidates are handed to it with a strictly
+decreasing surrogate score so that its internal sort cannot reorder ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torchvision
+
+from toolkit.models.box_coder import CodeType, decode_boxes, jaccard_normalized
+
+
+@dataclass(frozen=True)
+class DetectionOutputParams:
+    """Caffe ``detection_output_param`` (+ ``nms_param``); defaults are Caffe's.
+
+    ``confidence_threshold=None`` is Caffe's unset value (``-FLT_MAX``: every score passes).
+    """
+
+    num_classes: int
+    share_location: bool = True
+    background_label_id: int = 0
+    nms_threshold: float = 0.3
+    top_k: int = -1
+    eta: float = 1.0
+    keep_top_k: int = -1
+    confidence_threshold: Optional[float] = None
+    code_type: CodeType = CodeType.CORNER
+    variance_encoded_in_target: bool = False
+
+
+def _greedy_nms(boxes: torch.Tensor, threshold: float, eta: float) -> list[int]:
+    """Caffe ``ApplyNMSFast``'s loop on boxes already in score order; returns kept positions."""
+    if eta >= 1.0 and bool(((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])).all()):
+        # Strictly decreasing surrogate scores pin torchvision's order to ours.
+        surrogate = torch.arange(len(boxes), 0, -1, dtype=torch.float32)
+        keep = torchvision.ops.nms(boxes.float(), surrogate, threshold)
+        return sorted(keep.tolist())
+    iou = jaccard_normalized(boxes, boxes)
+    kept: list[int] = []
+    adaptive = threshold
+    for i in range(len(boxes)):
+        if all(iou[i, k] <= adaptive for k in kept):
+            kept.append(i)
+            if eta < 1.0 and adaptive > 0.5:
+                adaptive *= eta
+    return kept
+
+
+def detection_output(
+    loc: torch.Tensor,
+    conf: torch.Tensor,
+    priors_xyxy: torch.Tensor,
+    variances: torch.Tensor,
+    params: DetectionOutputParams,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections of a batch.
+
+    Args:
+        loc: ``(N, P, 4)`` with ``share_location``, else ``(N, P, num_classes, 4)``
+            (Caffe's ``mbox_loc`` reshaped; ``(N, P * L * 4)`` is accepted too).
+        conf: ``(N, P, num_classes)`` class **probabilities** (after softmax), or
+            ``(N, P * num_classes)``.
+        priors_xyxy, variances: ``(P, 4)`` normalized priors and their variances.
+    Returns:
+        One dict per image: ``boxes`` ``(K, 4)`` normalized xyxy (not clipped),
+        ``scores`` ``(K,)``, ``labels`` ``(K,)`` int64, ordered by label then score.
+    """
+    n, p = conf.shape[0], priors_xyxy.shape[0]
+    c = params.num_classes
+    conf = conf.reshape(n, p, c)
+    loc = loc.reshape(n, p, 4) if params.share_location else loc.reshape(n, p, c, 4)
+    bg = params.background_label_id
+    threshold = params.confidence_threshold
+    results = []
+    with torch.no_grad():
+        if params.share_location:
+            decoded = decode_boxes(loc, priors_xyxy, variances, params.code_type, params.variance_encoded_in_target)
+        else:
+            decoded = decode_boxes(loc, priors_xyxy[:, None, :], variances[:, None, :], params.code_type,
+                                   params.variance_encoded_in_target)
+        for i in range(n):
+            per_label = []
+            for label in range(c):
+                if label == bg:
+                    continue
+                scores = conf[i, :, label]
+                idx = torch.arange(p) if threshold is None else torch.nonzero(scores > threshold).flatten()
+                if idx.numel() == 0:
+                    continue
+                order = torch.sort(scores[idx], descending=True, stable=True).indices
+                idx = idx[order]
+                if -1 < params.top_k < idx.numel():
+                    idx = idx[: params.top_k]
+                boxes = decoded[i, idx] if params.share_location else decoded[i, idx, label]
+                kept = idx[_greedy_nms(boxes, params.nms_threshold, params.eta)]
+                kept_boxes = decoded[i, kept] if params.share_location else decoded[i, kept, label]
+                per_label.append((label, kept, kept_boxes, scores[kept]))
+            boxes = torch.cat([b for _, _, b, _ in per_label]) if per_label else torch.zeros(0, 4)
+            scores = torch.cat([s for _, _, _, s in per_label]) if per_label else torch.zeros(0)
+            labels = (torch.cat([torch.full((len(k),), lab, dtype=torch.int64) for lab, k, _, _ in per_label])
+                      if per_label else torch.zeros(0, dtype=torch.int64))
+            if -1 < params.keep_top_k < len(scores):
+                top = torch.sort(scores, descending=True, stable=True).indices[: params.keep_top_k]
+                # Back to label-ascending order; within a label the rows already are score-descending.
+                sel = torch.sort(top).values
+                boxes, scores, labels = boxes[sel], scores[sel], labels[sel]
+            results.append({"boxes": boxes, "scores": scores, "labels": labels})
+    return results
+
+
+def to_caffe_detection_blob(results: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Caffe's ``detection_out`` layout ``(1, 1, R, 7)``: rows ``[image, label, score, xmin, ymin, xmax, ymax]``.
+
+    When no image has a detection, Caffe writes one row ``[i, -1, -1, -1, -1, -1, -1]`` per image.
+    """
+    rows = []
+    for i, r in enumerate(results):
+        k = len(r["scores"])
+        if k:
+            rows.append(torch.cat([torch.full((k, 1), float(i)), r["labels"].float()[:, None],
+                                   r["scores"].float()[:, None], r["boxes"].float()], dim=1))
+    if not rows:
+        out = torch.full((len(results), 7), -1.0)
+        out[:, 0] = torch.arange(len(results), dtype=torch.float32)
+        return out[None, None]
+    return torch.cat(rows)[None, None]
