@@ -1,0 +1,18 @@
+"""Caffe file formats without Caffe.
+
+Our own schema of the parts of the SSD fork of Caffe that legacy-det reads
+(``caffe.proto``, compiled into the committed :mod:`toolkit.caffe.caffe_pb2`)
+and readers for prototxts, caffemodels and their blobs (:mod:`toolkit.caffe.io`).
+"""
+
+from toolkit.caffe import caffe_pb2
+from toolkit.caffe.io import CaffeFormatError, blob_to_numpy, layer_blobs, read_caffemodel, read_prototxt
+
+__all__ = [
+    "CaffeFormatError",
+    "blob_to_numpy",
+    "caffe_pb2",
+    "layer_blobs",
+    "read_caffemodel",
+    "read_prototxt",
+]
