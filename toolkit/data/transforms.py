@@ -605,8 +605,8 @@ class SSDTrainTransform:
             timings["warp + mirror"] = timings.get("warp + mirror", 0.0) + clock() - t0
         return image, _repack(target, boxes, labels[index], difficult[index])
 
-    def __call__(self, image: np.ndarray, target: dict):
-        image, target = self.augment(image, target)
+    def __call__(self, image: np.ndarray, target: dict, rng: Optional[np.random.Generator] = None):
+        image, target = self.augment(image, target, rng)
         return self.preprocess(image), target
 
 
@@ -626,7 +626,8 @@ class SSDTestTransform:
         self.preprocess = preprocess
         self._warp = _WarpAndMirror(self.size_hw, (interpolation,))
 
-    def __call__(self, image: np.ndarray, target: dict):
+    def __call__(self, image: np.ndarray, target: dict, rng: Optional[np.random.Generator] = None):
+        """``rng`` is accepted for interface symmetry with the train transform (unused)."""
         boxes, labels, difficult = _unpack(target)
         image, boxes, index = self._warp(image, boxes, 0, False)
         return self.preprocess(image), _repack(target, boxes, labels[index], difficult[index])

@@ -1,2 +1,2 @@
 """SSD-family detectors and their components: priors, box coding, MultiBoxLoss,
-DetectionOutput post-processing."""
+DetectionOutput post-processing, and the model builders."""

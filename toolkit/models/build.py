@@ -1,0 +1,76 @@
+"""Model presets and builders: ``build_model(name, num_classes)``.
+
+Constants (prior sizes, widths) live here, in the builders; values that can be
+derived (feature-map sizes, priors per cell) are computed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
+from toolkit.models.priors import PriorBoxSpec
+from toolkit.models.ssd import SSDDetector, SSDHead
+
+VARIANCES = (0.1, 0.1, 0.2, 0.2)
+
+
+def _specs(min_sizes, max_sizes, ratios, steps) -> tuple[PriorBoxSpec, ...]:
+    return tuple(
+        PriorBoxSpec((float(lo),), (float(hi),), tuple(float(r) for r in ar), flip=True, clip=False,
+                     variances=VARIANCES, step=float(step), offset=0.5)
+        for lo, hi, ar, step in zip(min_sizes, max_sizes, ratios, steps)
+    )
+
+
+# DSOD300 (DSOD300_pascal.py): min_dim 300, min_ratio 20, max_ratio 90 → sizes 30, 60, 111, 162, 213, 264, 315.
+DSOD300_PRIORS = _specs((30, 60, 111, 162, 213, 264), (60, 111, 162, 213, 264, 315),
+                        ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), (8, 16, 32, 64, 100, 300))
+
+
+def _dsod_head_names(sources) -> dict[str, tuple[str, ...]]:
+    names = {}
+    for k, src in enumerate(sources):
+        names[f"head.norms.{k}"] = (f"{src}_norm",)
+        for kind in ("loc", "conf"):
+            layer = f"{src}_norm_mbox_{kind}"
+            names[f"head.{kind}.{k}.conv"] = (layer,)
+            names[f"head.{kind}.{k}.bn"] = (f"{layer}_bn", f"{layer}_scale")
+    return names
+
+
+def build_dsod(num_classes: int, cfg: DSODConfig = DSODConfig(), image_size: int = 300,
+               prior_specs: tuple[PriorBoxSpec, ...] = DSOD300_PRIORS) -> SSDDetector:
+    """A DSOD detector (DSOD300 with the defaults).
+
+    ``caffe_names`` maps module paths to DSOD's Caffe layer names (one to one).
+    """
+    backbone = DSODBackbone(cfg)
+    n_sources = len(backbone.out_channels)
+    if len(prior_specs) != n_sources:
+        raise ValueError(f"{len(prior_specs)} prior specs for {n_sources} sources")
+    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
+                   normalize=[True] * n_sources, batch_norm=True, bn_momentum=cfg.bn_momentum)
+    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
+    names.update(_dsod_head_names(SOURCE_NAMES[:n_sources]))
+    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+
+
+# Small presets of the same family for CPU runs: fewer layers and channels, smaller input.
+# dsod_tiny: 160x160 input → sources 20, 10, 5, 3, 2, 1.
+DSOD_TINY = DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48, block_layers=(2, 3, 3, 3),
+                       transition_channels=(64, 128, 160, 64), reuse_channels=64, extra_channels=(64, 32, 32, 32))
+DSOD_TINY_PRIORS = _specs((16, 32, 59, 86, 113, 140), (32, 59, 86, 113, 140, 168),
+                          ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), (8, 16, 32, 53.3333, 80, 160))
+
+MODELS: dict[str, Callable[[int], SSDDetector]] = {
+    "dsod300": lambda num_classes: build_dsod(num_classes),
+    "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
+}
+
+
+def build_model(name: str, num_classes: int) -> SSDDetector:
+    """Build a model preset by name (see :data:`MODELS`); ``num_classes`` includes the background."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](num_classes)

@@ -1,0 +1,67 @@
+"""Building blocks shared by the SSD-family models, with the Caffe layer(s) each one replaces."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class L2Norm(nn.Module):
+    """Caffe ``Normalize`` (SSD fork) with ``across_spatial: false``.
+
+    ``y[n, c, h, w] = x[n, c, h, w] / sqrt(sum_c x[n, :, h, w]^2 + eps) * scale[c]``
+    (``eps`` inside the square root, as Caffe's ``normalize_layer.cpp``).
+    ``channel_shared`` makes ``scale`` a single value. SSD and DSOD initialise the scale to 20.
+
+    Shapes: ``(N, C, H, W) -> (N, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, init_scale: float = 20.0, eps: float = 1e-10, channel_shared: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((1 if channel_shared else channels,), float(init_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + self.eps)
+        return x / norm * self.weight.view(1, -1, 1, 1)
+
+
+class BNReLUConv(nn.Module):
+    """Pre-activation unit of DenseNet / DSOD: Caffe ``BatchNorm`` + ``Scale`` + ``ReLU`` + ``Convolution``.
+
+    The Caffe BatchNorm (mean, variance, moving-average factor) and Scale (gamma, beta)
+    pair is one ``nn.BatchNorm2d`` (running statistics = blobs / factor, affine = Scale).
+    Shapes: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int = 0, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels, eps=1e-5, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.relu(self.bn(x)))
+
+
+class ConvBNReLU(nn.Module):
+    """Post-activation unit (DSOD's stem): ``Convolution`` + ``BatchNorm`` + ``Scale`` + ``ReLU``.
+
+    Shapes: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=bn_momentum)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def caffe_max_pool(kernel_size: int = 2, stride: int = 2) -> nn.MaxPool2d:
+    """Caffe ``Pooling`` MAX without padding: output ``ceil((in - k) / s) + 1`` (ceil mode)."""
+    return nn.MaxPool2d(kernel_size, stride, ceil_mode=True)
