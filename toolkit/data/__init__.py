@@ -110,6 +110,10 @@ def build_dataset(
             transform=transform,
             remove_images_without_annotations=(split == "train"),
         )
-    from toolkit.data.shapes import shapes_dataset
+    from toolkit.data.shapes import SHAPES_CLASSES, SUBDIR, read_manifest, shapes_dataset
 
+    if read_manifest(root / "shapes") is not None:
+        # A complete dataset is there (possibly generated with other sizes): use it as it is.
+        return VOCDetection(root / "shapes" / "VOCdevkit", [(SUBDIR, which)], classes=SHAPES_CLASSES,
+                            transform=transform, keep_difficult=keep_difficult)
     return shapes_dataset(root / "shapes", split=which, transform=transform, keep_difficult=keep_difficult)

@@ -1,0 +1,147 @@
+"""The trainer: exact resumption after a kill, the non-finite-loss guard, the run report,
+overfitting a few images, and DDP with two gloo processes equal to one process with accum."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from toolkit import train as train_mod
+from toolkit.data.shapes import generate_shapes
+from toolkit.engine import EpochSampler
+from toolkit.models.multibox_loss import MultiBoxLoss
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", seed=3, num_train=24, num_test=6, progress=False)
+    return root
+
+
+def _args(data_root, out, *extra):
+    return ["--dataset", "shapes", "--model", "dsod_tiny", "--data-root", str(data_root), "--out", str(out),
+            "--batch-size", "4", "--no-progress", *extra]
+
+
+def _history(out):
+    return torch.load(out / "checkpoint.pth", weights_only=True)["history"]
+
+
+def test_resume_after_a_kill_reproduces_the_next_losses(data_root, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert train_mod.main(_args(data_root, full, "--iters", "6", "--workers", "0")) == 0
+    reference = _history(full)
+    assert [h["iteration"] for h in reference] == list(range(1, 7))
+
+    killed = tmp_path / "killed"
+    real_checkpoint = train_mod.Trainer.checkpoint
+
+    def checkpoint_then_die(self):
+        real_checkpoint(self)
+        if self.iteration == 3:
+            raise KeyboardInterrupt("simulated kill after the checkpoint at iteration 3")
+
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(_args(data_root, killed, "--iters", "6", "--ckpt-every", "3", "--workers", "0"))
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
+    assert torch.load(killed / "checkpoint.pth", weights_only=True)["iteration"] == 3
+    # Resume with two DataLoader workers: per-sample generators make the data identical.
+    assert train_mod.main(_args(data_root, killed, "--iters", "6", "--workers", "2", "--resume")) == 0
+    resumed = _history(killed)
+    assert [h["iteration"] for h in resumed] == list(range(1, 7))
+    for a, b in zip(reference, resumed):
+        assert a == b  # exact: same floats, same learning rates
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+    real_forward = MultiBoxLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", forward)
+    out = tmp_path / "nan"
+    rc = train_mod.main(_args(data_root, out, "--iters", "5", "--ckpt-every", "1", "--workers", "0"))
+    assert rc == 3
+    assert "non-finite loss nan at iteration 3" in capsys.readouterr().err
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_run_writes_the_report(data_root, tmp_path):
+    out = tmp_path / "report"
+    assert train_mod.main(_args(data_root, out, "--iters", "2", "--workers", "0")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric"] == "voc07" and 0.0 <= metrics["mAP"] <= 1.0
+    assert set(metrics["ap"]) <= {"circle", "square", "triangle", "star", "hexagon", "cross"}
+    for name in ("report.md", "loss.png", "pr_curves.png", "history.json"):
+        assert (out / name).stat().st_size > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    # A checkpoint of another model is refused with a clear message.
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    ckpt["model_name"] = "dsod300"
+    torch.save(ckpt, tmp_path / "other.pth")
+    assert train_mod.main(_args(data_root, out, "--iters", "2", "--workers", "0",
+                                "--resume", str(tmp_path / "other.pth"))) == 2
+
+
+def test_sampler_shards_batches_like_accumulation():
+    single = EpochSampler(40, 4, True, seed=1, rank=0, world=1)
+    ranks = [EpochSampler(40, 4, True, seed=1, rank=r, world=2) for r in range(2)]
+    s = single.indices()
+    r0, r1 = ranks[0].indices(), ranks[1].indices()
+    for step in range(5):
+        assert s[8 * step: 8 * step + 4] == r0[4 * step: 4 * step + 4]
+        assert s[8 * step + 4: 8 * step + 8] == r1[4 * step: 4 * step + 4]
+    single.set_epoch(0, start=12)
+    assert list(single) == s[12:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, argv: list, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    args = train_mod.get_args_parser().parse_args(argv)
+    info = train_mod.init_distributed("cpu")
+    trainer = train_mod.Trainer(args, info)
+    trainer.train()
+    torch.save(trainer.model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(data_root, tmp_path):
+    # Every process keeps torch's default thread count: hard-negative mining is a discrete
+    # choice, so a different reduction order (another thread count) can flip a selection.
+    argv = _args(data_root, tmp_path / "ddp", "--iters", "3", "--workers", "0", "--batch-size", "2")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single_out = tmp_path / "single"
+    assert train_mod.main(_args(data_root, single_out, "--iters", "3", "--workers", "0", "--batch-size", "2",
+                                "--accum", "2")) == 0
+    single = torch.load(single_out / "checkpoint.pth", weights_only=True)["model"]
+    params = [k for k, _ in train_mod.build_model("dsod_tiny", 7).named_parameters()]
+    changed = 0
+    for k in params:
+        torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=0)  # identical across ranks
+        torch.testing.assert_close(rank0[k], single[k], rtol=1e-5, atol=1e-6)
+        changed += int(not torch.equal(rank0[k], train_mod.build_model("dsod_tiny", 7).state_dict()[k]))
+    assert changed > 0

@@ -1,0 +1,200 @@
+"""Training and evaluation loops shared by ``toolkit.train`` and ``toolkit.evaluate``.
+
+Exact resumption: every sample's augmentation draws from its own generator,
+``np.random.default_rng([seed, epoch, index])`` (:class:`AugmentedDataset`), and
+the order of an epoch is a permutation seeded by ``seed + epoch``
+(:class:`EpochSampler`), so a run resumed at any iteration sees the same batches
+whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from toolkit.evaluation.submission import detections_from_predictions, ground_truth_from_voc
+from toolkit.evaluation.voc import VOCEvalResult, evaluate_voc
+from toolkit.models.postprocess import DetectionOutputParams, detection_output
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration."""
+
+
+# ----------------------------------------------------------------------------- data
+class AugmentedDataset(Dataset):
+    """Wraps a dataset without transform; applies ``transform`` with a per-sample generator.
+
+    ``transform(image, target, rng)`` must accept the generator (the SSD transforms do,
+    through :meth:`~toolkit.data.transforms.SSDTrainTransform.augment`).  Call
+    :meth:`set_epoch` before each epoch (before the DataLoader iterator is created).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return self.transform(image, target, rng)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or sequential) indices of one epoch, sharded across ranks by batches, resumable.
+
+    The order of epoch ``e`` is a permutation from a generator seeded with
+    ``seed + e``, cut into batches of ``batch_size``; rank ``r`` of ``world`` takes
+    batches ``r, r + world, r + 2 * world, ...`` (only whole rounds of ``world``
+    batches are used).  Step ``i`` of ``world`` processes therefore sees exactly
+    the micro-batches that step ``i`` of one process with ``accum = world`` sees.
+    ``start`` skips the first indices of this rank (a resumed epoch).
+    """
+
+    def __init__(self, length: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        self.length = length
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.start = 0
+        self.rounds = length // (batch_size * world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        b, w = self.batch_size, self.world
+        out = []
+        for k in range(self.rounds):
+            first = (k * w + self.rank) * b
+            out.extend(order[first:first + b])
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.rounds * self.batch_size - self.start
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+# ------------------------------------------------------------------------ targets
+def normalized_targets(targets: Sequence[dict], image_hw: tuple[int, int], device: torch.device) -> list[dict]:
+    """Pixel targets of the network input → normalized boxes for the loss."""
+    h, w = image_hw
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    out = []
+    for t in targets:
+        out.append({
+            "boxes": (t["boxes"] / scale).to(device),
+            "labels": t["labels"].to(device),
+            "difficult": t["difficult"].to(device),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, params: DetectionOutputParams) -> list[dict]:
+    """Run the detector and post-process; boxes stay normalized xyxy."""
+    out = model(images)
+    probs = F.softmax(out["conf"].float(), dim=-1)
+    return detection_output(out["loc"].float().cpu(), probs.cpu(), out["priors"].cpu(), out["variances"].cpu(), params)
+
+
+def to_image_pixels(detections: dict, orig_hw: Sequence[int]) -> dict:
+    """Normalized boxes → continuous pixels of the original image (clipped to it)."""
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    boxes = detections["boxes"] * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return {**detections, "boxes": boxes}
+
+
+def evaluate_detector(
+    model: torch.nn.Module,
+    dataset,
+    loader,
+    params: DetectionOutputParams,
+    device: torch.device,
+    metric: str = "voc07",
+    progress: bool = False,
+) -> tuple[VOCEvalResult, list[dict]]:
+    """VOC AP of ``model`` on a VOC-style dataset.
+
+    ``loader`` yields ``(images, targets)`` with the test transform applied (targets
+    carry ``image_id`` and ``orig_size``); ``dataset`` (the untransformed
+    :class:`~toolkit.data.voc.VOCDetection`) provides the ground truth.
+    Returns the result and the per-image predictions (pixels of the original images).
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        dets = predict(model, images.to(device), params)
+        for d, t in zip(dets, targets):
+            p = to_image_pixels(d, t["orig_size"].tolist())
+            p["image_id"] = t["image_id"]
+            predictions.append(p)
+    model.train(was_training)
+    classes = dataset.classes[1:]
+    result = evaluate_voc(ground_truth_from_voc(dataset), detections_from_predictions(predictions, classes),
+                          classes, metric)
+    return result, predictions

@@ -1,0 +1,438 @@
+"""Train an SSD-family detector from scratch.
+
+::
+
+    python -m toolkit.train --dataset shapes --model dsod_tiny --out runs/shapes
+    python -m toolkit.train --dataset voc0712 --model dsod300 --batch-size 4 --accum 4 --out runs/dsod300
+    torchrun --nproc_per_node 8 -m toolkit.train --dataset voc0712 --model dsod300 --batch-size 4 --accum 4
+
+Solver presets reproduce the Caffe solvers (``SOLVERS``): SGD with momentum 0.9,
+weight decay 5e-4, a multistep schedule (gamma 0.1) and Caffe's ``iter_size``
+as ``--accum``. Flags override preset fields. With ``--epochs`` the preset's
+steps are scaled to the new length (they are fractions of ``max_iter`` in
+Caffe's schedule).
+
+One iteration is one optimizer step (``batch_size * accum`` images per process).
+Gradients of accumulated micro-batches and of DDP ranks are averaged, each loss
+normalized by its own number of matches, as Caffe's ``iter_size`` and
+multi-GPU training did; a single process with ``--accum N`` therefore takes the
+same steps as ``N`` processes with ``--accum 1``.
+
+The run folder gets ``checkpoint.pth`` (atomic, resumable with ``--resume``),
+TensorBoard logs under ``tb/``, ``history.json``, and at the end ``report.md``,
+``loss.png``, ``pr_curves.png`` and ``metrics.json`` (final VOC07 mAP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from toolkit.data import DATASETS, DatasetError, build_dataset
+from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, SSDTrainTransform, collate_detection
+from toolkit.engine import (
+    AugmentedDataset,
+    DistInfo,
+    EpochSampler,
+    NonFiniteLossError,
+    evaluate_detector,
+    init_distributed,
+    normalized_targets,
+)
+from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
+from toolkit.models.box_coder import CodeType
+from toolkit.models.build import MODELS, build_model
+from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
+from toolkit.models.postprocess import DetectionOutputParams
+
+
+@dataclass(frozen=True)
+class SolverPreset:
+    """A Caffe solver: ``steps`` and ``max_iter`` in iterations; batch per process."""
+
+    base_lr: float
+    steps: tuple[int, ...]
+    max_iter: int
+    batch_size: int
+    accum: int = 1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    gamma: float = 0.1
+    warmup_iters: int = 0
+    preprocess: str = "dsod"
+    image_size: int = 300
+
+
+SOLVERS: dict[str, SolverPreset] = {
+    # dsod300_voc0712/solver.prototxt: lr 0.1, steps 20k..80k, max 100k, iter_size 4, batch 4 (x8 GPUs = 128).
+    "dsod300": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4),
+    # The CPU preset for the shapes dataset (the README's main job).
+    "dsod_tiny": SolverPreset(0.05, (1200, 1650), 1900, batch_size=24, warmup_iters=100, image_size=160),
+}
+
+POSTPROCESS = dict(nms_threshold=0.45, top_k=400, keep_top_k=200, confidence_threshold=0.01,
+                   code_type=CodeType.CENTER_SIZE)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m toolkit.train", description=__doc__.split("\n\n")[0], add_help=add_help)
+    p.add_argument("--dataset", default="shapes", help=f"one of {sorted(DATASETS)} (default shapes)")
+    p.add_argument("--model", default="dsod_tiny", choices=sorted(MODELS))
+    p.add_argument("--data-root", type=Path, help="data root (default $TOOLKIT_DATA or ./data)")
+    p.add_argument("--batch-size", type=int, help="images per process and micro-batch")
+    p.add_argument("--accum", type=int, help="micro-batches per step (Caffe iter_size)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="train this many epochs (steps scaled)")
+    g.add_argument("--iters", type=int, help="train this many iterations (steps scaled)")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--steps", type=int, nargs="*", help="multistep milestones (iterations)")
+    p.add_argument("--gamma", type=float, help="multistep factor")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="run folder")
+    p.add_argument("--resume", nargs="?", const="auto", help="checkpoint to resume (default: <out>/checkpoint.pth)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N iterations (0: every epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# --------------------------------------------------------------------------- setup
+@dataclass(frozen=True)
+class Plan:
+    """What the run will do, resolved from preset + flags."""
+
+    solver: SolverPreset
+    total_iters: int
+    iters_per_epoch: int
+
+
+def resolve_plan(args, solver: SolverPreset, train_len: int, world: int) -> Plan:
+    fields = {k: getattr(args, k) for k in ("batch_size", "accum", "momentum", "weight_decay", "gamma",
+                                             "warmup_iters") if getattr(args, k) is not None}
+    if args.lr is not None:
+        fields["base_lr"] = args.lr
+    solver = replace(solver, **fields)
+    iters_per_epoch = train_len // (solver.batch_size * solver.accum * world)
+    if iters_per_epoch < 1:
+        raise ValueError(f"{train_len} training images are fewer than one step of "
+                         f"{solver.batch_size} x {solver.accum} x {world} process(es)")
+    if args.iters is not None:
+        total = args.iters
+    elif args.epochs is not None:
+        total = max(1, round(args.epochs * iters_per_epoch))
+    else:
+        total = solver.max_iter
+    if args.steps is not None:
+        steps = tuple(args.steps)
+    else:
+        steps = tuple(round(s * total / solver.max_iter) for s in solver.steps)
+    solver = replace(solver, steps=steps, max_iter=total)
+    return Plan(solver, total, iters_per_epoch)
+
+
+def lr_factor(iteration: int, solver: SolverPreset) -> float:
+    """Caffe ``multistep`` (``gamma ** #steps passed``) times a linear warm-up."""
+    factor = solver.gamma ** sum(iteration >= s for s in solver.steps)
+    if solver.warmup_iters and iteration < solver.warmup_iters:
+        factor *= (iteration + 1) / solver.warmup_iters
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file, then rename: a killed run keeps the last good checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _jsonable_args(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# ----------------------------------------------------------------------------- run
+class Trainer:
+    def __init__(self, args, dist_info: DistInfo) -> None:
+        self.args = args
+        self.dist = dist_info
+        self.device = torch.device(args.device, dist_info.local_rank if args.device == "cuda" else None) \
+            if args.device == "cuda" else torch.device(args.device)
+        seed_everything(args.seed)
+        preset = SOLVERS.get(args.model)
+        if preset is None:
+            raise KeyError(f"no solver preset for model {args.model!r}")
+        preprocess = PREPROCESS_PRESETS[preset.preprocess]
+        size = preset.image_size
+        root = args.data_root
+        train_base = build_dataset(args.dataset, "train", root=root)
+        self.classes = train_base.classes
+        self.plan = resolve_plan(args, preset, len(train_base), dist_info.world)
+        s = self.plan.solver
+        self.train_set = AugmentedDataset(train_base, SSDTrainTransform(size, preprocess), args.seed)
+        self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
+                                    dist_info.world)
+        self.test_set = None
+        if DATASETS[args.dataset].test is not None:
+            self.test_set = build_dataset(args.dataset, "test", root=root, transform=SSDTestTransform(size, preprocess))
+        model = build_model(args.model, len(self.classes)).to(self.device)
+        if args.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        ) if dist_info.enabled else model
+        self.criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=len(self.classes)))
+        self.post = DetectionOutputParams(num_classes=len(self.classes), **POSTPROCESS)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum,
+                                         weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, s))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and self.device.type == "cuda")
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.out: Path = args.out
+        self.writer = None
+        if dist_info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        if args.resume:
+            self._resume(self.out / "checkpoint.pth" if args.resume == "auto" else Path(args.resume))
+
+    # -- state
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "history": self.history,
+            "evals": self.evals,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "model_name": self.args.model,
+            "dataset": self.args.dataset,
+            "classes": list(self.classes),
+            "args": _jsonable_args(self.args),
+        }
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["model_name"] != self.args.model or list(ckpt["classes"]) != list(self.classes):
+            raise ValueError(f"{path}: checkpoint is for model {ckpt['model_name']!r} with classes "
+                             f"{ckpt['classes']}, not {self.args.model!r} / {list(self.classes)}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.history = list(ckpt["history"])
+        self.evals = list(ckpt["evals"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if self.dist.is_main:
+            print(f"resumed from {path} at iteration {self.iteration}")
+
+    def checkpoint(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoint.pth", self.state())
+
+    # -- loop
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        s = self.plan.solver
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch * s.batch_size)
+        return DataLoader(self.train_set, batch_size=s.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=self.args.workers, collate_fn=collate_detection,
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def _micro_step(self, images: torch.Tensor, targets: list[dict], scale: float) -> dict:
+        autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=self.args.amp):
+            out = self.ddp(images.to(self.device, non_blocking=True))
+        norm_targets = normalized_targets(targets, tuple(images.shape[-2:]), self.device)
+        losses = self.criterion(out["loc"].float(), out["conf"].float(), out["priors"], out["variances"], norm_targets)
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss {losses['loss'].item()} at iteration {self.iteration + 1} "
+                f"(loss_box {losses['loss_box'].item()}, loss_cls {losses['loss_cls'].item()}); "
+                f"the last good checkpoint in {self.out} was kept"
+            )
+        self.scaler.scale(losses["loss"] * scale).backward()
+        return losses
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        s = self.plan.solver
+        ipe = self.plan.iters_per_epoch
+        bar = tqdm(total=self.plan.total_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
+                   disable=not self.dist.is_main or self.args.no_progress)
+        start = time.time()
+        while self.iteration < self.plan.total_iters:
+            epoch, in_epoch = divmod(self.iteration, ipe)
+            loader = iter(self._loader(epoch, in_epoch * s.accum))
+            for _ in range(in_epoch, ipe):
+                if self.iteration >= self.plan.total_iters:
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = {"loss": 0.0, "loss_box": 0.0, "loss_cls": 0.0}
+                for _micro in range(s.accum):
+                    images, targets = next(loader)
+                    losses = self._micro_step(images, targets, 1.0 / s.accum)
+                    for k in sums:
+                        sums[k] += losses[k].item() / s.accum
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.iteration += 1
+                record = {"iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"], **sums}
+                self.history.append(record)
+                if self.writer is not None:
+                    for k in sums:
+                        self.writer.add_scalar(f"train/{k}", sums[k], self.iteration)
+                    self.writer.add_scalar("train/lr", record["lr"], self.iteration)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.3f}", lr=f"{record['lr']:.4g}", epoch=epoch)
+                if self.args.ckpt_every and self.iteration % self.args.ckpt_every == 0:
+                    self.checkpoint()
+                if self.args.eval_every and self.iteration % self.args.eval_every == 0 \
+                        and self.iteration < self.plan.total_iters:
+                    self.evaluate()
+            if not self.args.ckpt_every:
+                self.checkpoint()
+        bar.close()
+        self.train_seconds = time.time() - start
+
+    def evaluate(self):
+        if self.test_set is None or not self.dist.is_main:
+            return None
+        loader = DataLoader(self.test_set, batch_size=16, shuffle=False, num_workers=self.args.workers,
+                            collate_fn=collate_detection)
+        result, _ = evaluate_detector(self.model, self.test_set, loader, self.post, self.device,
+                                      progress=not self.args.no_progress)
+        self.evals.append({"iteration": self.iteration, "mAP": result.mAP, "ap": result.ap})
+        if self.writer is not None:
+            self.writer.add_scalar("eval/mAP_voc07", result.mAP, self.iteration)
+        print(f"iteration {self.iteration}: VOC07 mAP {100 * result.mAP:.2f}")
+        return result
+
+    def report(self, result, seconds: float) -> None:
+        """Write report.md, loss.png, pr_curves.png, metrics.json and history.json."""
+        if not self.dist.is_main:
+            return
+        write_json({"history": self.history, "evals": self.evals}, self.out / "history.json")
+        plot_loss(self.history, self.evals, self.out / "loss.png")
+        lines = [f"# Training report: {self.args.model} on {self.args.dataset}", "",
+                 f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
+                 f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
+                 f"- solver: lr {self.plan.solver.base_lr}, steps {list(self.plan.solver.steps)}, "
+                 f"momentum {self.plan.solver.momentum}, weight decay {self.plan.solver.weight_decay}, "
+                 f"warm-up {self.plan.solver.warmup_iters}",
+                 f"- wall time: {seconds / 60:.1f} min",
+                 f"- final loss: {self.history[-1]['loss']:.4f}" if self.history else "- no iterations", ""]
+        metrics = {"model": self.args.model, "dataset": self.args.dataset, "iterations": self.iteration,
+                   "train_seconds": round(seconds, 1)}
+        if result is not None:
+            metrics.update({"metric": "voc07", "mAP": result.mAP, "ap": result.ap})
+            curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
+            plot_pr_curves(curves, self.out / "pr_curves.png", f"{self.args.model} on {self.args.dataset}: "
+                           f"VOC07 mAP {100 * result.mAP:.2f}")
+            lines += ["## VOC07 AP (test split)", "", "```", format_table(result.ap, result.mAP, "per class"), "```",
+                      "", "![loss](loss.png)", "", "![PR curves](pr_curves.png)", ""]
+        else:
+            lines += ["No test split with annotations: no evaluation.", "", "![loss](loss.png)", ""]
+        write_json(metrics, self.out / "metrics.json")
+        (self.out / "report.md").write_text("\n".join(lines))
+
+
+def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path) -> None:
+    """Loss curves (total, box, class; smoothed) and the eval mAPs on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if history:
+        it = np.array([h["iteration"] for h in history])
+        k = max(1, len(history) // 50)
+        for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
+            v = np.array([h[key] for h in history])
+            smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(it[k - 1:], smooth, style, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (moving average)")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([e["iteration"] for e in evals], [100 * e["mAP"] for e in evals], "o-", color="tab:red",
+                 label="VOC07 mAP")
+        ax2.set_ylabel("VOC07 mAP (%)")
+        ax2.set_ylim(0, 100)
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    dist_info = init_distributed(args.device)
+    try:
+        trainer = Trainer(args, dist_info)
+        trainer.train()
+        result = trainer.evaluate()
+        trainer.report(result, getattr(trainer, "train_seconds", 0.0))
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (DatasetError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist_info.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if dist_info.is_main and result is not None:
+        print(format_table(result.ap, result.mAP, f"VOC07 AP on the {args.dataset} test split"))
+        print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
