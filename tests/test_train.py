@@ -145,3 +145,76 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(data_root, tmp_pa
         torch.testing.assert_close(rank0[k], single[k], rtol=1e-5, atol=1e-6)
         changed += int(not torch.equal(rank0[k], train_mod.build_model("dsod_tiny", 7).state_dict()[k]))
     assert changed > 0
+
+
+def test_evaluate_and_predict_from_a_checkpoint(data_root, tmp_path, capsys):
+    from toolkit.evaluate import main as evaluate_main
+    from toolkit.predict import main as predict_main
+
+    out = tmp_path / "run"
+    assert train_mod.main(_args(data_root, out, "--iters", "2", "--workers", "0")) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out / "checkpoint.pth"), "--dataset", "shapes",
+                          "--data-root", str(data_root), "--json", str(tmp_path / "eval.json"),
+                          "--write-detections", str(tmp_path / "dets"), "--split", "test"]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["metric"] == "voc07"
+    assert evaluated["mAP"] == pytest.approx(trained["mAP"], abs=1e-9)
+    # The written submission files give the same AP through the file-based evaluator.
+    devkit = data_root / "shapes" / "VOCdevkit"
+    assert evaluate_main(["--voc-root", str(devkit), "--subdir", "SHAPES", "--split", "test", "--detections",
+                          str(tmp_path / "dets"), "--labelmap", str(data_root / "shapes" / "labelmap_shapes.prototxt"),
+                          "--json", str(tmp_path / "files.json")]) == 0
+    from_files = json.loads((tmp_path / "files.json").read_text())
+    assert from_files["mAP"] == pytest.approx(evaluated["mAP"], abs=1e-6)
+    images = sorted((devkit / "SHAPES" / "JPEGImages").glob("shapes_test_*.jpg"))[:2]
+    assert predict_main(["--checkpoint", str(out / "checkpoint.pth"), *map(str, images), "--out",
+                         str(tmp_path / "pred"), "--score-threshold", "0.0"]) == 0
+    assert all((tmp_path / "pred" / f"{p.stem}.png").stat().st_size > 0 for p in images)
+    records = json.loads((tmp_path / "pred" / "detections.json").read_text())["detections"]
+    assert len(records) == 2 and all(len(r["boxes"]) == len(r["scores"]) for r in records)
+
+
+def test_small_model_overfits_a_few_images(data_root):
+    """No augmentation, 6 training images: the detector must learn them (train-set VOC07 mAP)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from toolkit.data import build_dataset
+    from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
+    from toolkit.engine import evaluate_detector, normalized_targets
+    from toolkit.models.build import build_model, default_postprocess
+    from toolkit.models.multibox_loss import MultiBoxLossParams
+
+    torch.manual_seed(0)
+    dataset = build_dataset("shapes", "train", root=data_root,
+                            transform=SSDTestTransform(160, PREPROCESS_PRESETS["dsod"]))
+    subset = Subset(dataset, range(6))
+    images, targets = collate_detection([subset[i] for i in range(len(subset))])
+    model = build_model("dsod_tiny", 7)
+    criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=7))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    norm_targets = normalized_targets(targets, (160, 160), torch.device("cpu"))
+    first = None
+    for _ in range(150):
+        out = model(images)
+        loss = criterion(out["loc"], out["conf"], out["priors"], out["variances"], norm_targets)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.25 * first
+
+    class FirstSix:
+        classes = dataset.classes
+        keep_difficult = True
+
+        def __len__(self):
+            return len(subset)
+
+        def get_annotation(self, i):
+            return dataset.get_annotation(i)
+
+    loader = DataLoader(subset, batch_size=6, collate_fn=collate_detection)
+    result, _ = evaluate_detector(model, FirstSix(), loader, default_postprocess(7), torch.device("cpu"))
+    assert result.mAP >= 0.9, result.ap

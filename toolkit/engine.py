@@ -198,3 +198,27 @@ def evaluate_detector(
     result = evaluate_voc(ground_truth_from_voc(dataset), detections_from_predictions(predictions, classes),
                           classes, metric)
     return result, predictions
+
+
+# ---------------------------------------------------------------------- checkpoints
+def load_trained_model(path, device: torch.device | str = "cpu"):
+    """A detector from a ``toolkit.train`` checkpoint (loaded with ``weights_only=True``).
+
+    Returns:
+        ``(model in eval mode, classes (with "background" first), model name)``.
+    """
+    from pathlib import Path
+
+    from toolkit.models.build import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "model_name", "classes"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not a toolkit.train checkpoint (no {key!r})")
+    classes = tuple(ckpt["classes"])
+    model = build_model(ckpt["model_name"], len(classes))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), classes, ckpt["model_name"]

@@ -16,7 +16,11 @@ COCO::
     python -m toolkit.evaluate --coco-annotations instances_val2017.json \\
         --detections results.json --json coco.json [--plot pr.png]
 
-Both print a per-class table; ``--plot`` writes precision-recall curves (PNG).
+A trained checkpoint on a dataset's test split (VOC07 AP by default)::
+
+    python -m toolkit.evaluate --checkpoint runs/main/checkpoint.pth --dataset shapes --json map.json
+
+All print a per-class table; ``--plot`` writes precision-recall curves (PNG).
 """
 
 from __future__ import annotations
@@ -43,9 +47,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--voc-root", type=Path, help="VOCdevkit folder (or its parent, or VOC<year> itself)")
     p.add_argument("--year", default="2007", help="VOC year: 2007 or 2012 (the VOC<year> folder); default 2007")
+    p.add_argument("--subdir", help="VOCdevkit sub-folder to read instead of VOC<year> (e.g. SHAPES)")
     p.add_argument("--split", default="test", help="ImageSets/Main list name, e.g. test or val; default test")
-    p.add_argument("--detections", type=Path, required=True,
+    p.add_argument("--detections", type=Path,
                    help="VOC: folder of comp4_det_<split>_<class>.txt files; COCO: results JSON")
+    p.add_argument("--checkpoint", type=Path, help="a toolkit.train checkpoint to evaluate on --dataset")
+    p.add_argument("--dataset", help="dataset name for --checkpoint (its test split)")
+    p.add_argument("--data-root", type=Path, help="data root for --dataset (default $TOOLKIT_DATA or ./data)")
+    p.add_argument("--write-detections", type=Path,
+                   help="with --checkpoint: also write VOC submission files into this folder")
     p.add_argument("--metric", choices=METRICS, default="voc07", help="VOC metric (default voc07)")
     p.add_argument("--iou", type=float, default=0.5, help="VOC IoU threshold (default 0.5)")
     p.add_argument("--labelmap", type=Path, help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
@@ -60,7 +70,8 @@ def _run_voc(args) -> dict:
     if args.voc_root is None:
         raise SystemExit("error: --voc-root is required for VOC evaluation (or pass --coco-annotations)")
     classes = read_labelmap(args.labelmap).foreground if args.labelmap else VOC_CLASSES
-    dataset = VOCDetection(args.voc_root, [(f"VOC{args.year}", args.split)], classes=classes)
+    subdir = args.subdir or f"VOC{args.year}"
+    dataset = VOCDetection(args.voc_root, [(subdir, args.split)], classes=classes)
     gt = ground_truth_from_voc(dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -73,12 +84,46 @@ def _run_voc(args) -> dict:
                "#tp": result.per_class[name].num_tp}
         for name in result.ap
     }
-    title = (f"VOC{args.year} {args.split}: {len(gt)} images, metric {args.metric}, IoU > {args.iou}"
+    title = (f"{subdir} {args.split}: {len(gt)} images, metric {args.metric}, IoU > {args.iou}"
              f" ({len(classes) - len(result.ap)} class(es) without non-difficult ground truth left out)")
     print(format_table(result.ap, result.mAP, title, extra))
     if args.plot:
         curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
-        plot_pr_curves(curves, args.plot, f"VOC{args.year} {args.split}, {args.metric}: mAP {100 * result.mAP:.2f}")
+        plot_pr_curves(curves, args.plot, f"{subdir} {args.split}, {args.metric}: mAP {100 * result.mAP:.2f}")
+    return result.to_json()
+
+
+def _run_checkpoint(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from toolkit.data import build_dataset
+    from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
+    from toolkit.engine import evaluate_detector, load_trained_model
+    from toolkit.evaluation.submission import detections_from_predictions, write_voc_submission
+    from toolkit.models.build import INPUTS, default_postprocess
+
+    if not args.dataset:
+        raise SystemExit("error: --checkpoint needs --dataset")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, classes, name = load_trained_model(args.checkpoint, device)
+    spec = INPUTS[name]
+    dataset = build_dataset(args.dataset, "test", root=args.data_root,
+                            transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
+    if tuple(dataset.classes) != classes:
+        raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
+                         f"{tuple(dataset.classes[1:])}")
+    loader = DataLoader(dataset, batch_size=16, shuffle=False, num_workers=2, collate_fn=collate_detection)
+    result, predictions = evaluate_detector(model, dataset, loader, default_postprocess(len(classes)), device,
+                                            args.metric, progress=True)
+    if args.write_detections:
+        write_voc_submission(args.write_detections, args.split,
+                             detections_from_predictions(predictions, classes[1:]), args.prefix)
+    title = f"{name} on {args.dataset} (test split, {len(dataset)} images), metric {args.metric}"
+    print(format_table(result.ap, result.mAP, title))
+    if args.plot:
+        curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
+        plot_pr_curves(curves, args.plot, f"{name} on {args.dataset}: {args.metric} mAP {100 * result.mAP:.2f}")
     return result.to_json()
 
 
@@ -96,8 +141,13 @@ def _run_coco(args) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        out = _run_coco(args) if args.coco_annotations else _run_voc(args)
-    except (DatasetError, SubmissionFormatError, FileNotFoundError, KeyError) as exc:
+        if args.checkpoint:
+            out = _run_checkpoint(args)
+        elif args.detections is None:
+            raise SystemExit("error: give --detections (VOC folder or COCO results) or --checkpoint")
+        else:
+            out = _run_coco(args) if args.coco_annotations else _run_voc(args)
+    except (DatasetError, SubmissionFormatError, FileNotFoundError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2

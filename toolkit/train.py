@@ -50,10 +50,8 @@ from toolkit.engine import (
     normalized_targets,
 )
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
-from toolkit.models.box_coder import CodeType
-from toolkit.models.build import MODELS, build_model
+from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
-from toolkit.models.postprocess import DetectionOutputParams
 
 
 @dataclass(frozen=True)
@@ -69,19 +67,14 @@ class SolverPreset:
     weight_decay: float = 5e-4
     gamma: float = 0.1
     warmup_iters: int = 0
-    preprocess: str = "dsod"
-    image_size: int = 300
 
 
 SOLVERS: dict[str, SolverPreset] = {
     # dsod300_voc0712/solver.prototxt: lr 0.1, steps 20k..80k, max 100k, iter_size 4, batch 4 (x8 GPUs = 128).
     "dsod300": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4),
     # The CPU preset for the shapes dataset (the README's main job).
-    "dsod_tiny": SolverPreset(0.05, (1200, 1650), 1900, batch_size=24, warmup_iters=100, image_size=160),
+    "dsod_tiny": SolverPreset(0.05, (1200, 1650), 1900, batch_size=24, warmup_iters=100),
 }
-
-POSTPROCESS = dict(nms_threshold=0.45, top_k=400, keep_top_k=200, confidence_threshold=0.01,
-                   code_type=CodeType.CENTER_SIZE)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -190,8 +183,9 @@ class Trainer:
         preset = SOLVERS.get(args.model)
         if preset is None:
             raise KeyError(f"no solver preset for model {args.model!r}")
-        preprocess = PREPROCESS_PRESETS[preset.preprocess]
-        size = preset.image_size
+        spec = INPUTS[args.model]
+        preprocess = PREPROCESS_PRESETS[spec.preprocess]
+        size = spec.size
         root = args.data_root
         train_base = build_dataset(args.dataset, "train", root=root)
         self.classes = train_base.classes
@@ -213,7 +207,7 @@ class Trainer:
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None
         ) if dist_info.enabled else model
         self.criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=len(self.classes)))
-        self.post = DetectionOutputParams(num_classes=len(self.classes), **POSTPROCESS)
+        self.post = default_postprocess(len(self.classes))
         self.optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum,
                                          weight_decay=s.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, s))

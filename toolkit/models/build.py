@@ -6,9 +6,12 @@ derived (feature-map sizes, priors per cell) are computed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+from toolkit.models.box_coder import CodeType
 from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
+from toolkit.models.postprocess import DetectionOutputParams
 from toolkit.models.priors import PriorBoxSpec
 from toolkit.models.ssd import SSDDetector, SSDHead
 
@@ -67,6 +70,27 @@ MODELS: dict[str, Callable[[int], SSDDetector]] = {
     "dsod300": lambda num_classes: build_dsod(num_classes),
     "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
 }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: square input ``size`` and a Caffe preprocessing preset name
+    (a key of ``toolkit.data.transforms.PREPROCESS_PRESETS``)."""
+
+    size: int
+    preprocess: str
+
+
+INPUTS: dict[str, InputSpec] = {
+    "dsod300": InputSpec(300, "dsod"),
+    "dsod_tiny": InputSpec(160, "dsod"),
+}
+
+
+def default_postprocess(num_classes: int) -> DetectionOutputParams:
+    """The DetectionOutput of the SSD / DSOD test prototxts (NMS 0.45, top_k 400, keep_top_k 200, threshold 0.01)."""
+    return DetectionOutputParams(num_classes=num_classes, nms_threshold=0.45, top_k=400, keep_top_k=200,
+                                 confidence_threshold=0.01, code_type=CodeType.CENTER_SIZE)
 
 
 def build_model(name: str, num_classes: int) -> SSDDetector:
