@@ -14,6 +14,8 @@ from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
 from toolkit.models.postprocess import DetectionOutputParams
 from toolkit.models.priors import PriorBoxSpec
 from toolkit.models.ssd import SSDDetector, SSDHead
+from toolkit.models.vgg_ssd import SOURCES as VGG_SOURCES
+from toolkit.models.vgg_ssd import VGGBackbone, VGGConfig
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)
 
@@ -59,6 +61,25 @@ def build_dsod(num_classes: int, cfg: DSODConfig = DSODConfig(), image_size: int
     return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
 
 
+# SSD300 (ssd_pascal.py): the same sizes and ratios as DSOD300, conv9_2 is 1x1.
+SSD300_PRIORS = DSOD300_PRIORS
+
+
+def build_ssd_vgg(num_classes: int, cfg: VGGConfig = VGGConfig(), image_size: int = 300,
+                  prior_specs: tuple[PriorBoxSpec, ...] = SSD300_PRIORS) -> SSDDetector:
+    """SSD with the reduced VGG16 backbone (SSD300 with the defaults); only conv4_3 is L2-normalised."""
+    backbone = VGGBackbone(cfg)
+    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
+                   normalize=[True] + [False] * (len(prior_specs) - 1), batch_norm=False)
+    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
+    prefixes = ["conv4_3_norm", *VGG_SOURCES[1:]]
+    names["head.norms.0"] = ("conv4_3_norm",)
+    for k, prefix in enumerate(prefixes):
+        names[f"head.loc.{k}"] = (f"{prefix}_mbox_loc",)
+        names[f"head.conf.{k}"] = (f"{prefix}_mbox_conf",)
+    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+
+
 # Small presets of the same family for CPU runs: fewer layers and channels, smaller input.
 # dsod_tiny: 160x160 input → sources 20, 10, 5, 3, 2, 1.
 DSOD_TINY = DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48, block_layers=(2, 3, 3, 3),
@@ -66,8 +87,15 @@ DSOD_TINY = DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48
 DSOD_TINY_PRIORS = _specs((16, 32, 59, 86, 113, 140), (32, 59, 86, 113, 140, 168),
                           ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), (8, 16, 32, 53.3333, 80, 160))
 
+# ssd_tiny: 160x160 input, narrower VGG, three extra stages → sources 20, 10, 5, 3, 1.
+SSD_TINY = VGGConfig(stages=(16, 32, 64, 96, 96), fc=128, fc6_dilation=3, extras=((32, 64), (32, 64), (32, 64)))
+SSD_TINY_PRIORS = _specs((16, 32, 59, 86, 113), (32, 59, 86, 113, 140), ((2,), (2, 3), (2, 3), (2, 3), (2,)),
+                         (8, 16, 32, 53.3333, 160))
+
 MODELS: dict[str, Callable[[int], SSDDetector]] = {
     "dsod300": lambda num_classes: build_dsod(num_classes),
+    "ssd300": lambda num_classes: build_ssd_vgg(num_classes),
+    "ssd_tiny": lambda num_classes: build_ssd_vgg(num_classes, SSD_TINY, 160, SSD_TINY_PRIORS),
     "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
 }
 
@@ -84,6 +112,8 @@ class InputSpec:
 INPUTS: dict[str, InputSpec] = {
     "dsod300": InputSpec(300, "dsod"),
     "dsod_tiny": InputSpec(160, "dsod"),
+    "ssd300": InputSpec(300, "ssd"),
+    "ssd_tiny": InputSpec(160, "ssd"),
 }
 
 
