@@ -218,3 +218,13 @@ def test_small_model_overfits_a_few_images(data_root):
     loader = DataLoader(subset, batch_size=6, collate_fn=collate_detection)
     result, _ = evaluate_detector(model, FirstSix(), loader, default_postprocess(7), torch.device("cpu"))
     assert result.mAP >= 0.9, result.ap
+
+
+def test_every_model_has_a_solver_and_an_input_spec():
+    from toolkit.models.build import INPUTS, MODELS
+
+    assert set(train_mod.SOLVERS) == set(MODELS) == set(INPUTS)
+    # Caffe's multistep: lr * gamma ** (#steps passed), with the warm-up on top.
+    preset = train_mod.SolverPreset(0.1, (10, 20), 30, batch_size=2, warmup_iters=4)
+    assert [round(train_mod.lr_factor(i, preset), 6) for i in (0, 3, 9, 10, 19, 20, 29)] == \
+        [0.25, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]

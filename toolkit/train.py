@@ -72,6 +72,9 @@ class SolverPreset:
 SOLVERS: dict[str, SolverPreset] = {
     # dsod300_voc0712/solver.prototxt: lr 0.1, steps 20k..80k, max 100k, iter_size 4, batch 4 (x8 GPUs = 128).
     "dsod300": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4),
+    # grp_dsod320_voc0712/solver.prototxt: lr 0.1, steps 20k..80k, max 100k, iter_size 3, batch 6.
+    "grp_dsod320": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=6, accum=3),
+    "grp_dsod_tiny": SolverPreset(0.05, (1200, 1650), 1900, batch_size=24, warmup_iters=100),
     # ssd300_vgg16_voc0712/solver.prototxt: lr 0.001, steps 80k/100k/120k, max 120k, batch 8 (x4 GPUs = 32).
     "ssd300": SolverPreset(0.001, (80000, 100000, 120000), 120000, batch_size=8),
     "ssd_tiny": SolverPreset(0.01, (1200, 1650), 1900, batch_size=24, warmup_iters=200),

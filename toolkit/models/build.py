@@ -11,6 +11,7 @@ from typing import Callable
 
 from toolkit.models.box_coder import CodeType
 from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
+from toolkit.models.grp_dsod import GATED_SOURCE_NAMES, GRPDSODBackbone, GRPDSODConfig
 from toolkit.models.postprocess import DetectionOutputParams
 from toolkit.models.priors import PriorBoxSpec
 from toolkit.models.ssd import SSDDetector, SSDHead
@@ -92,11 +93,45 @@ SSD_TINY = VGGConfig(stages=(16, 32, 64, 96, 96), fc=128, fc6_dilation=3, extras
 SSD_TINY_PRIORS = _specs((16, 32, 59, 86, 113), (32, 59, 86, 113, 140), ((2,), (2, 3), (2, 3), (2, 3), (2,)),
                          (8, 16, 32, 53.3333, 160))
 
+# GRP-DSOD320 (the GRP-DSOD generator's PriorBox layers): 320x320 input, sources 40, 20, 10, 5, 3, 2;
+# sizes 0.1 * 320 then steps of 0.17 * 320 (Caffe truncates 118.4 to 118 etc.); aspect ratios 1.6, 2 (, 3).
+GRP_DSOD320_PRIORS = _specs((32, 64, 118.4, 172.8, 227.2, 281.6), (64, 118.4, 172.8, 227.2, 281.6, 336),
+                            ((1.6, 2, 3),) * 4 + ((1.6, 2),) * 2, (8, 16, 32, 64, 100, 320))
+
+
+def build_grp_dsod(num_classes: int, cfg: GRPDSODConfig = GRPDSODConfig(), image_size: int = 320,
+                   prior_specs: tuple[PriorBoxSpec, ...] = GRP_DSOD320_PRIORS) -> SSDDetector:
+    """A GRP-DSOD detector (GRP-DSOD320 with the defaults); the gated sources go through
+    Normalize and 3x3 loc / conf convolutions with BatchNorm (head ``eps 0.001``, as DSOD's).
+
+    ``image_size`` fixes the deconvolution kernels of the top-down path (see
+    :class:`~toolkit.models.grp_dsod.GRPDSODBackbone`). ``caffe_names`` maps module paths
+    to GRP-DSOD's Caffe layer names (one to one).
+    """
+    backbone = GRPDSODBackbone(cfg, image_size)
+    n_sources = len(backbone.out_channels)
+    if len(prior_specs) != n_sources:
+        raise ValueError(f"{len(prior_specs)} prior specs for {n_sources} sources")
+    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
+                   normalize=[True] * n_sources, batch_norm=True, bn_momentum=cfg.bn_momentum)
+    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
+    names.update(_dsod_head_names(GATED_SOURCE_NAMES))
+    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+
+
+# grp_dsod_tiny: 160x160 input → sources 20, 10, 5, 3, 2, 1 (deconvolution kernels 2, 2, 1, 1, 2).
+GRP_DSOD_TINY = GRPDSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48, block_layers=(2, 3, 3, 3),
+                              first_branch_channels=32, second_channels=48, extra_channels=(32, 32, 32, 48))
+GRP_DSOD_TINY_PRIORS = _specs((16, 32, 59.2, 86.4, 113.6, 140.8), (32, 59.2, 86.4, 113.6, 140.8, 168),
+                              ((1.6, 2, 3),) * 4 + ((1.6, 2),) * 2, (8, 16, 32, 53.3333, 80, 160))
+
 MODELS: dict[str, Callable[[int], SSDDetector]] = {
     "dsod300": lambda num_classes: build_dsod(num_classes),
     "ssd300": lambda num_classes: build_ssd_vgg(num_classes),
     "ssd_tiny": lambda num_classes: build_ssd_vgg(num_classes, SSD_TINY, 160, SSD_TINY_PRIORS),
     "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
+    "grp_dsod320": lambda num_classes: build_grp_dsod(num_classes),
+    "grp_dsod_tiny": lambda num_classes: build_grp_dsod(num_classes, GRP_DSOD_TINY, 160, GRP_DSOD_TINY_PRIORS),
 }
 
 
@@ -114,6 +149,8 @@ INPUTS: dict[str, InputSpec] = {
     "dsod_tiny": InputSpec(160, "dsod"),
     "ssd300": InputSpec(300, "ssd"),
     "ssd_tiny": InputSpec(160, "ssd"),
+    "grp_dsod320": InputSpec(320, "dsod"),
+    "grp_dsod_tiny": InputSpec(160, "dsod"),
 }
 
 
