@@ -228,3 +228,44 @@ def test_every_model_has_a_solver_and_an_input_spec():
     preset = train_mod.SolverPreset(0.1, (10, 20), 30, batch_size=2, warmup_iters=4)
     assert [round(train_mod.lr_factor(i, preset), 6) for i in (0, 3, 9, 10, 19, 20, 29)] == \
         [0.25, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+
+
+def _shapes_as_coco(data_root, coco_root):
+    """Write data_root's shapes splits as a COCO tree (train2017 / val2017) under coco_root."""
+    from toolkit.data import build_dataset
+
+    for split, folder in (("train", "train2017"), ("test", "val2017")):
+        ds = build_dataset("shapes", split, root=data_root)
+        (coco_root / folder).mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(len(ds)):
+            t = ds.get_annotation(i)
+            os.symlink(ds.image_path(i), coco_root / folder / f"{t['image_id']}.jpg")
+            h, w = t["orig_size"].tolist()
+            images.append({"id": i + 1, "file_name": f"{t['image_id']}.jpg", "height": h, "width": w})
+            for box, label in zip(t["boxes"].tolist(), t["labels"].tolist()):
+                x0, y0, x1, y1 = box
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 10 * label,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                    "iscrowd": 0})
+        cats = [{"id": 10 * (k + 1), "name": n} for k, n in enumerate(ds.classes[1:])]
+        (coco_root / "annotations").mkdir(exist_ok=True)
+        (coco_root / "annotations" / f"instances_{folder}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": cats}))
+
+
+def test_training_on_coco_reports_coco_ap(data_root, tmp_path):
+    from toolkit.evaluate import main as evaluate_main
+
+    _shapes_as_coco(data_root, tmp_path / "coco")
+    out = tmp_path / "run"
+    argv = ["--dataset", "coco", "--model", "dsod_tiny", "--data-root", str(tmp_path), "--out", str(out),
+            "--batch-size", "4", "--iters", "2", "--workers", "0", "--no-progress"]
+    assert train_mod.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric"] == "coco" and 0.0 <= metrics["mAP"] <= 1.0
+    assert (out / "pr_curves.png").stat().st_size > 0
+    assert evaluate_main(["--checkpoint", str(out / "checkpoint.pth"), "--dataset", "coco", "--data-root",
+                          str(tmp_path), "--json", str(tmp_path / "coco.json")]) == 0
+    again = json.loads((tmp_path / "coco.json").read_text())
+    assert again["metric"] == "coco" and again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-12)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from toolkit.evaluation.submission import detections_from_predictions, ground_truth_from_voc
-from toolkit.evaluation.voc import VOCEvalResult, evaluate_voc
+from toolkit.evaluation.voc import evaluate_voc
 from toolkit.models.postprocess import DetectionOutputParams, detection_output
 
 
@@ -174,13 +174,15 @@ def evaluate_detector(
     device: torch.device,
     metric: str = "voc07",
     progress: bool = False,
-) -> tuple[VOCEvalResult, list[dict]]:
-    """VOC AP of ``model`` on a VOC-style dataset.
+):
+    """AP of ``model`` on a dataset: VOC AP (``metric``) for VOC-style datasets, COCO AP
+    (pycocotools) for :class:`~toolkit.data.coco.COCODetection`.
 
     ``loader`` yields ``(images, targets)`` with the test transform applied (targets
-    carry ``image_id`` and ``orig_size``); ``dataset`` (the untransformed
-    :class:`~toolkit.data.voc.VOCDetection`) provides the ground truth.
-    Returns the result and the per-image predictions (pixels of the original images).
+    carry ``image_id`` and ``orig_size``); ``dataset`` provides the ground truth.
+    Returns ``(result, predictions)``: a :class:`~toolkit.evaluation.voc.VOCEvalResult` or
+    :class:`~toolkit.evaluation.coco.COCOEvalResult` (both have ``mAP`` and ``ap``),
+    and the per-image predictions in pixels of the original images.
     """
     from tqdm import tqdm
 
@@ -194,10 +196,21 @@ def evaluate_detector(
             p["image_id"] = t["image_id"]
             predictions.append(p)
     model.train(was_training)
+    if hasattr(dataset, "coco"):
+        from toolkit.evaluation.coco import evaluate_coco, predictions_to_coco
+
+        return evaluate_coco(dataset.coco, predictions_to_coco(predictions, dataset.label_to_cat_id)), predictions
     classes = dataset.classes[1:]
     result = evaluate_voc(ground_truth_from_voc(dataset), detections_from_predictions(predictions, classes),
                           classes, metric)
     return result, predictions
+
+
+def pr_curves(result) -> dict:
+    """class → ``(recall, precision, ap)`` of a VOC or COCO result, for plotting."""
+    if hasattr(result, "pr_curves"):
+        return dict(result.pr_curves)
+    return {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
 
 
 # ---------------------------------------------------------------------- checkpoints

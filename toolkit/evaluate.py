@@ -116,14 +116,15 @@ def _run_checkpoint(args) -> dict:
     loader = DataLoader(dataset, batch_size=16, shuffle=False, num_workers=2, collate_fn=collate_detection)
     result, predictions = evaluate_detector(model, dataset, loader, default_postprocess(len(classes)), device,
                                             args.metric, progress=True)
-    if args.write_detections:
+    if args.write_detections and not hasattr(dataset, "coco"):
         write_voc_submission(args.write_detections, args.split,
                              detections_from_predictions(predictions, classes[1:]), args.prefix)
     title = f"{name} on {args.dataset} (test split, {len(dataset)} images), metric {args.metric}"
     print(format_table(result.ap, result.mAP, title))
     if args.plot:
-        curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
-        plot_pr_curves(curves, args.plot, f"{name} on {args.dataset}: {args.metric} mAP {100 * result.mAP:.2f}")
+        from toolkit.engine import pr_curves
+
+        plot_pr_curves(pr_curves(result), args.plot, f"{name} on {args.dataset}: mAP {100 * result.mAP:.2f}")
     return result.to_json()
 
 

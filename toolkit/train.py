@@ -39,7 +39,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from toolkit.data import DATASETS, DatasetError, build_dataset
-from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, SSDTrainTransform, collate_detection
+from toolkit.data.transforms import (
+    PREPROCESS_PRESETS,
+    ExpandParams,
+    SSDTestTransform,
+    SSDTrainTransform,
+    collate_detection,
+)
 from toolkit.engine import (
     AugmentedDataset,
     DistInfo,
@@ -48,6 +54,7 @@ from toolkit.engine import (
     evaluate_detector,
     init_distributed,
     normalized_targets,
+    pr_curves,
 )
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
@@ -99,6 +106,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
+    p.add_argument("--max-expand", type=float, default=4.0,
+                   help="SSD expand augmentation: largest zoom-out ratio (Caffe recipe 4; 1 disables expand)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
@@ -197,7 +206,10 @@ class Trainer:
         self.classes = train_base.classes
         self.plan = resolve_plan(args, preset, len(train_base), dist_info.world)
         s = self.plan.solver
-        self.train_set = AugmentedDataset(train_base, SSDTrainTransform(size, preprocess), args.seed)
+        if args.max_expand < 1:
+            raise ValueError(f"--max-expand must be >= 1, got {args.max_expand}")
+        expand = ExpandParams(0.5, args.max_expand) if args.max_expand > 1 else None
+        self.train_set = AugmentedDataset(train_base, SSDTrainTransform(size, preprocess, expand=expand), args.seed)
         self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
                                     dist_info.world)
         self.test_set = None
@@ -345,8 +357,8 @@ class Trainer:
                                       progress=not self.args.no_progress)
         self.evals.append({"iteration": self.iteration, "mAP": result.mAP, "ap": result.ap})
         if self.writer is not None:
-            self.writer.add_scalar("eval/mAP_voc07", result.mAP, self.iteration)
-        print(f"iteration {self.iteration}: VOC07 mAP {100 * result.mAP:.2f}")
+            self.writer.add_scalar("eval/mAP", result.mAP, self.iteration)
+        print(f"iteration {self.iteration}: mAP {100 * result.mAP:.2f}")
         return result
 
     def report(self, result, seconds: float) -> None:
@@ -366,11 +378,12 @@ class Trainer:
         metrics = {"model": self.args.model, "dataset": self.args.dataset, "iterations": self.iteration,
                    "train_seconds": round(seconds, 1)}
         if result is not None:
-            metrics.update({"metric": "voc07", "mAP": result.mAP, "ap": result.ap})
-            curves = {n: (r.recall, r.precision, r.ap) for n, r in result.per_class.items() if n in result.ap}
-            plot_pr_curves(curves, self.out / "pr_curves.png", f"{self.args.model} on {self.args.dataset}: "
-                           f"VOC07 mAP {100 * result.mAP:.2f}")
-            lines += ["## VOC07 AP (test split)", "", "```", format_table(result.ap, result.mAP, "per class"), "```",
+            metric = "coco" if hasattr(result, "stats") else "voc07"
+            metrics.update({"metric": metric, "mAP": result.mAP, "ap": result.ap})
+            plot_pr_curves(pr_curves(result), self.out / "pr_curves.png", f"{self.args.model} on "
+                           f"{self.args.dataset}: {metric} mAP {100 * result.mAP:.2f}")
+            lines += [f"## {metric} AP (test split)", "", "```", format_table(result.ap, result.mAP, "per class"),
+                      "```",
                       "", "![loss](loss.png)", "", "![PR curves](pr_curves.png)", ""]
         else:
             lines += ["No test split with annotations: no evaluation.", "", "![loss](loss.png)", ""]
@@ -429,7 +442,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if dist_info.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if dist_info.is_main and result is not None:
-        print(format_table(result.ap, result.mAP, f"VOC07 AP on the {args.dataset} test split"))
+        print(format_table(result.ap, result.mAP, f"AP on the {args.dataset} test split"))
         print(f"report: {args.out / 'report.md'}")
     return 0
 
