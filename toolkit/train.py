@@ -192,8 +192,8 @@ class Trainer:
     def __init__(self, args, dist_info: DistInfo) -> None:
         self.args = args
         self.dist = dist_info
-        self.device = torch.device(args.device, dist_info.local_rank if args.device == "cuda" else None) \
-            if args.device == "cuda" else torch.device(args.device)
+        cuda = args.device == "cuda"
+        self.device = torch.device("cuda", dist_info.local_rank) if cuda else torch.device(args.device)
         seed_everything(args.seed)
         preset = SOLVERS.get(args.model)
         if preset is None:
