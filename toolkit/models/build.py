@@ -45,21 +45,26 @@ def _dsod_head_names(sources) -> dict[str, tuple[str, ...]]:
     return names
 
 
+def _dense_detector(backbone, source_names, num_classes: int, image_size: int,
+                    prior_specs: tuple[PriorBoxSpec, ...], bn_momentum: float) -> SSDDetector:
+    """DSOD-family head on ``backbone``: L2Norm on every source, loc / conf convolutions with BatchNorm."""
+    n_sources = len(backbone.out_channels)
+    if len(prior_specs) != n_sources:
+        raise ValueError(f"{len(prior_specs)} prior specs for {n_sources} sources")
+    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
+                   normalize=[True] * n_sources, batch_norm=True, bn_momentum=bn_momentum)
+    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
+    names.update(_dsod_head_names(source_names[:n_sources]))
+    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+
+
 def build_dsod(num_classes: int, cfg: DSODConfig = DSODConfig(), image_size: int = 300,
                prior_specs: tuple[PriorBoxSpec, ...] = DSOD300_PRIORS) -> SSDDetector:
     """A DSOD detector (DSOD300 with the defaults).
 
     ``caffe_names`` maps module paths to DSOD's Caffe layer names (one to one).
     """
-    backbone = DSODBackbone(cfg)
-    n_sources = len(backbone.out_channels)
-    if len(prior_specs) != n_sources:
-        raise ValueError(f"{len(prior_specs)} prior specs for {n_sources} sources")
-    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
-                   normalize=[True] * n_sources, batch_norm=True, bn_momentum=cfg.bn_momentum)
-    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
-    names.update(_dsod_head_names(SOURCE_NAMES[:n_sources]))
-    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+    return _dense_detector(DSODBackbone(cfg), SOURCE_NAMES, num_classes, image_size, prior_specs, cfg.bn_momentum)
 
 
 # SSD300 (ssd_pascal.py): the same sizes and ratios as DSOD300, conv9_2 is 1x1.
@@ -108,15 +113,8 @@ def build_grp_dsod(num_classes: int, cfg: GRPDSODConfig = GRPDSODConfig(), image
     :class:`~toolkit.models.grp_dsod.GRPDSODBackbone`). ``caffe_names`` maps module paths
     to GRP-DSOD's Caffe layer names (one to one).
     """
-    backbone = GRPDSODBackbone(cfg, image_size)
-    n_sources = len(backbone.out_channels)
-    if len(prior_specs) != n_sources:
-        raise ValueError(f"{len(prior_specs)} prior specs for {n_sources} sources")
-    head = SSDHead(backbone.out_channels, [s.num_priors for s in prior_specs], num_classes,
-                   normalize=[True] * n_sources, batch_norm=True, bn_momentum=cfg.bn_momentum)
-    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
-    names.update(_dsod_head_names(GATED_SOURCE_NAMES))
-    return SSDDetector(backbone, head, prior_specs, (image_size, image_size), names)
+    return _dense_detector(GRPDSODBackbone(cfg, image_size), GATED_SOURCE_NAMES, num_classes, image_size,
+                           prior_specs, cfg.bn_momentum)
 
 
 # grp_dsod_tiny: 160x160 input → sources 20, 10, 5, 3, 2, 1 (deconvolution kernels 2, 2, 1, 1, 2).

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from toolkit.models.layers import BNReLUConv, ConvBNReLU, caffe_max_pool
+from toolkit.models.layers import BNReLUConv, ConvBNReLU, DenseLayer, caffe_max_pool
 
 SOURCE_NAMES = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth")
 
@@ -101,21 +101,6 @@ class _Namer:
         return unit
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1x1(bottleneck) → BN-ReLU-Conv3x3(growth), concatenated to the input.
-
-    Shapes: ``(N, C, H, W) -> (N, C + growth, H, W)``.
-    """
-
-    def __init__(self, in_channels: int, bottleneck: int, growth: int, momentum: float) -> None:
-        super().__init__()
-        self.reduce = BNReLUConv(in_channels, bottleneck, 1, bn_momentum=momentum)
-        self.grow = BNReLUConv(bottleneck, growth, 3, padding=1, bn_momentum=momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.grow(self.reduce(x))], dim=1)
-
-
 class DownScale(nn.Module):
     """One scale of DSOD's prediction structure: ``cat(reused half, learned half)``.
 
@@ -155,10 +140,14 @@ class DSODBackbone(nn.Module):
         )
         channels = s2
         blocks, transitions = [], []
+
+        def pre_act_unit(c_in: int, c_out: int, k: int, padding: int = 0) -> BNReLUConv:
+            return BNReLUConv(c_in, c_out, k, padding=padding, bn_momentum=m)
+
         for b, (n_layers, t_out) in enumerate(zip(cfg.block_layers, cfg.transition_channels)):
             layers = []
             for i in range(n_layers):
-                layer = DenseLayer(channels, cfg.bottleneck, cfg.growth_rate, m)
+                layer = DenseLayer(channels, cfg.bottleneck, cfg.growth_rate, pre_act_unit)
                 namer.pre_act(f"blocks.{b}.{i}.reduce", layer.reduce)
                 namer.pre_act(f"blocks.{b}.{i}.grow", layer.grow)
                 layers.append(layer)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from toolkit.models.layers import caffe_max_pool
+from toolkit.models.layers import DenseLayer, caffe_max_pool
 
 #: Caffe names of the gated sources (the head's layers are ``<name>_norm``, ``<name>_norm_mbox_loc`` ...).
 GATED_SOURCE_NAMES = tuple(f"Recurrent{k}_gate" for k in range(1, 7))
@@ -163,21 +163,6 @@ class PostAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn(self.conv(x)))
-
-
-class DenseLayer(nn.Module):
-    """Post-activation dense layer: unit 1x1 (bottleneck) → unit 3x3 (growth), concatenated to the input.
-
-    Shapes: ``(N, C, H, W) -> (N, C + growth, H, W)``.
-    """
-
-    def __init__(self, in_channels: int, bottleneck: int, growth: int, unit) -> None:
-        super().__init__()
-        self.reduce = unit(in_channels, bottleneck, 1)
-        self.grow = unit(bottleneck, growth, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.grow(self.reduce(x))], dim=1)
 
 
 class DownScale(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -60,6 +62,23 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn(self.conv(x)))
+
+
+class DenseLayer(nn.Module):
+    """A DenseNet layer: ``unit`` 1x1 to ``bottleneck`` → ``unit`` 3x3 to ``growth``, concatenated
+    to the input. ``unit(c_in, c_out, kernel, padding=...)`` builds the pre-activation
+    (DSOD) or post-activation (GRP-DSOD) convolution unit.
+
+    Shapes: ``(N, C, H, W) -> (N, C + growth, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, bottleneck: int, growth: int, unit: Callable[..., nn.Module]) -> None:
+        super().__init__()
+        self.reduce = unit(in_channels, bottleneck, 1)
+        self.grow = unit(bottleneck, growth, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.grow(self.reduce(x))], dim=1)
 
 
 def caffe_max_pool(kernel_size: int = 2, stride: int = 2) -> nn.MaxPool2d:
