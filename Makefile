@@ -35,6 +35,7 @@ test: setup
 bench: setup
 	$(PY) bench/bench_data_pipeline.py
 	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_train.py
 
 clean-venv:
 	rm -rf $(VENV)
