@@ -389,6 +389,8 @@ class Trainer:
             lines += ["No test split with annotations: no evaluation.", "", "![loss](loss.png)", ""]
         write_json(metrics, self.out / "metrics.json")
         (self.out / "report.md").write_text("\n".join(lines))
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path) -> None:
