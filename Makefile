@@ -1,5 +1,5 @@
 # Two commands do all set-up (see README.md):
-#   make run    creates .venv, installs everything, runs the main job on the embedded dataset
+#   make run    creates .venv, installs everything, trains dsod_tiny on the embedded dataset
 #   make test   creates .venv, installs everything, runs the whole test suite
 # Both are idempotent: a second run skips the install (a stamp file records it).
 
@@ -28,6 +28,7 @@ $(STAMP): $(CONSTRAINTS) setup.cfg pyproject.toml
 
 run: setup
 	$(PY) -m toolkit.data.shapes --root data/shapes
+	$(PY) -m toolkit.train --dataset shapes --model dsod_tiny --out runs/main
 
 test: setup
 	$(PY) -m pytest -q

@@ -35,7 +35,8 @@ def _history(out):
 
 def test_resume_after_a_kill_reproduces_the_next_losses(data_root, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    assert train_mod.main(_args(data_root, full, "--iters", "6", "--workers", "0")) == 0
+    # The full SSD augmentation: its random crops and distortions must repeat exactly too.
+    assert train_mod.main(_args(data_root, full, "--iters", "6", "--workers", "0", "--augment", "ssd")) == 0
     reference = _history(full)
     assert [h["iteration"] for h in reference] == list(range(1, 7))
 
@@ -49,11 +50,13 @@ def test_resume_after_a_kill_reproduces_the_next_losses(data_root, tmp_path, mon
 
     monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.main(_args(data_root, killed, "--iters", "6", "--ckpt-every", "3", "--workers", "0"))
+        train_mod.main(_args(data_root, killed, "--iters", "6", "--ckpt-every", "3", "--workers", "0",
+                             "--augment", "ssd"))
     monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
     assert torch.load(killed / "checkpoint.pth", weights_only=True)["iteration"] == 3
     # Resume with two DataLoader workers: per-sample generators make the data identical.
-    assert train_mod.main(_args(data_root, killed, "--iters", "6", "--workers", "2", "--resume")) == 0
+    assert train_mod.main(_args(data_root, killed, "--iters", "6", "--workers", "2", "--augment", "ssd",
+                                "--resume")) == 0
     resumed = _history(killed)
     assert [h["iteration"] for h in resumed] == list(range(1, 7))
     for a, b in zip(reference, resumed):
