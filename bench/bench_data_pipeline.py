@@ -31,19 +31,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-try:
-    import toolkit  # noqa: F401
-except ImportError:
-    # Run as ``python bench/<script>.py`` without ``pip install -e .``: sys.path[0]
-    # is bench/, so the package next to it is not importable; add the repo root.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import OtherLoad, cpu_name  # also puts the repo root on sys.path if needed
 
 import cv2
 import numpy as np
@@ -228,49 +222,9 @@ def measure_stages(dataset: VOCDetection, transform: T.SSDTrainTransform, seed: 
 # ---------------------------------------------------------------------------
 
 
-class OtherLoad:
-    """CPU time used by *other* processes while this benchmark runs, in cores.
-
-    From ``/proc/stat`` (all busy time) minus this process and its reaped
-    children (the DataLoader workers are joined at the end of every epoch).  A
-    parallel benchmark on a 2-core machine is only meaningful when this is near 0.
-    ``None`` where ``/proc/stat`` is unavailable.
-    """
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> Optional[tuple[float, float, float]]:
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        except (OSError, IndexError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
-        return busy, own, time.perf_counter()
-
-    def cores(self) -> Optional[float]:
-        end = self._sample()
-        if self._start is None or end is None:
-            return None
-        (b0, o0, t0), (b1, o1, t1) = self._start, end
-        return max(0.0, (b1 - b0) - (o1 - o0)) / (t1 - t0)
-
-
 def environment() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores",
+        f"CPU: {cpu_name()}, {os.cpu_count()} logical cores",
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"opencv {cv2.__version__}",
         f"threads in this process: torch {torch.get_num_threads()}, opencv {cv2.getNumThreads()}; "
@@ -295,12 +249,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, devkit: Path) -> None:
+def run(args: argparse.Namespace, devkit: Path, where: str) -> None:
     other = OtherLoad()
     transform = T.SSDTrainTransform(args.size)
     dataset = VOCDetection(devkit, [(SUBDIR, SPLIT)], classes=SHAPES_CLASSES, transform=transform)
 
-    print(f"dataset: {len(dataset)} JPEGs of {IMAGE_WIDTH}x{IMAGE_HEIGHT} at {devkit}")
+    print(f"dataset: {len(dataset)} JPEGs of {IMAGE_WIDTH}x{IMAGE_HEIGHT} in {where}")
     print(f"pipeline: VOCDetection -> SSDTrainTransform({args.size}) -> collate_detection, batch {args.batch_size}, "
           f"shuffle, {args.epochs} epoch(s), persistent_workers=False")
     for line in environment():
@@ -354,13 +308,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     if args.root is not None:
-        run(args, write_dataset(args.root, args.num_images, args.seed))
+        run(args, write_dataset(args.root, args.num_images, args.seed), str(args.root))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench_data_pipeline_") as tmp:
         start = time.perf_counter()
         devkit = write_dataset(Path(tmp), args.num_images, args.seed)
         print(f"(wrote the dataset in {time.perf_counter() - start:.1f} s)")
-        run(args, devkit)
+        run(args, devkit, "a temporary folder")
     return 0
 
 

@@ -32,18 +32,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-try:
-    import toolkit  # noqa: F401
-except ImportError:
-    # Run as ``python bench/<script>.py`` without ``pip install -e .``: sys.path[0]
-    # is bench/, so the package next to it is not importable; add the repo root.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import OtherLoad, cpu_name  # also puts the repo root on sys.path if needed
 
 import numpy as np
 
@@ -188,35 +181,6 @@ def describe(gt: dict[str, ImageGT], detections: dict[str, ClassDetections]) -> 
     )
 
 
-def other_load_sampler() -> Callable[[], Optional[float]]:
-    """Start measuring CPU used by *other* processes; the returned function gives it in cores.
-
-    ``/proc/stat`` busy time minus this process's own, over the wall time between
-    the two calls (the same measure as ``bench_data_pipeline.OtherLoad``).
-    ``None`` where ``/proc/stat`` is unavailable.
-    """
-
-    def sample() -> Optional[tuple[float, float, float]]:
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        except (OSError, IndexError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        return busy, own.ru_utime + own.ru_stime, time.perf_counter()
-
-    start = sample()
-
-    def cores() -> Optional[float]:
-        end = sample()
-        if start is None or end is None:
-            return None
-        return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2])
-
-    return cores
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "bench_eval.py",
@@ -237,17 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1 or args.repeat < 1 or args.repeat_loop < 1:
         print("error: --num-images, --repeat and --repeat-loop must be >= 1", file=sys.stderr)
         return 2
-    other_load = other_load_sampler()
+    other_load = OtherLoad()
     start = time.perf_counter()
     gt, detections = make_problem(args.num_images, VOC_CLASSES, args.seed)
     print(f"problem: {describe(gt, detections)}; built in {time.perf_counter() - start:.1f} s")
-    cpu = platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"CPU: {cpu}, {os.cpu_count()} logical cores; python {platform.python_version()}, numpy {np.__version__}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores; "
+          f"python {platform.python_version()}, numpy {np.__version__}")
 
     print(f"\nevaluate_voc, whole call (vectorised: best of {args.repeat}; loop: best of {args.repeat_loop})")
     print(f"  {'metric':<8}{'mAP':>9}{'vectorised s':>14}{'loop s':>9}{'speed-up':>10}  identical")
@@ -278,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\nmatchers alone, 20 classes (same best-of counts)")
     print(f"  {'vectorised s':>14}{'loop s':>9}{'speed-up':>10}")
     print(f"  {t_fast:>14.3f}{t_loop:>9.3f}{t_loop / t_fast:>9.1f}x")
-    busy = other_load()
+    busy = other_load.cores()
     if busy is not None:
         note = "" if busy < 0.5 else "  <- a core was busy elsewhere: the times above may be inflated"
         print(f"other processes used {busy:.2f} of {os.cpu_count()} cores during the run{note}")

@@ -23,16 +23,10 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
 from pathlib import Path
 
-try:
-    import toolkit  # noqa: F401
-except ImportError:
-    # Run as ``python bench/<script>.py`` without ``pip install -e .``: add the repo root.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import cpu_name  # also puts the repo root on sys.path if needed
 
 import numpy as np
 import torch
@@ -62,7 +56,7 @@ def main() -> int:
     train_set = AugmentedDataset(dataset, transform, seed=0)
     classes = len(dataset.classes)
     print(f"model {args.model} ({spec.size}x{spec.size}), batch {args.batch_size}, {classes} classes; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
 
     # 1. training on ready batches
     batches = [collate_detection([train_set[(b * args.batch_size + i) % len(train_set)]
