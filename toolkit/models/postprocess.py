@@ -48,6 +48,39 @@ class DetectionOutputParams:
     code_type: CodeType = CodeType.CORNER
     variance_encoded_in_target: bool = False
 
+    @classmethod
+    def from_caffe(cls, param) -> "DetectionOutputParams":
+        """The parameters of a ``caffe_pb2.DetectionOutputParameter`` (``detection_output_param``).
+
+        Unset ``nms_param.top_k`` is ``-1`` (no cut) and unset
+        ``confidence_threshold`` is ``None`` (every score passes), as in Caffe.
+        ``save_output_param`` and ``visualize`` are not read: nothing is written.
+
+        Raises:
+            ValueError: no ``num_classes``, a negative NMS threshold or ``eta``
+                outside ``(0, 1]`` (Caffe's checks).
+        """
+        if not param.HasField("num_classes"):
+            raise ValueError("DetectionOutput: num_classes is required")
+        nms = param.nms_param
+        if nms.nms_threshold < 0:
+            raise ValueError(f"DetectionOutput: nms_threshold must be >= 0, got {nms.nms_threshold}")
+        if not 0 < nms.eta <= 1:
+            raise ValueError(f"DetectionOutput: eta must be in (0, 1], got {nms.eta}")
+        code = param.DESCRIPTOR.fields_by_name["code_type"].enum_type.values_by_number[param.code_type].name
+        return cls(
+            num_classes=int(param.num_classes),
+            share_location=bool(param.share_location),
+            background_label_id=int(param.background_label_id),
+            nms_threshold=float(nms.nms_threshold),
+            top_k=int(nms.top_k) if nms.HasField("top_k") else -1,
+            eta=float(nms.eta),
+            keep_top_k=int(param.keep_top_k),
+            confidence_threshold=float(param.confidence_threshold) if param.HasField("confidence_threshold") else None,
+            code_type=CodeType(code),
+            variance_encoded_in_target=bool(param.variance_encoded_in_target),
+        )
+
 
 def _greedy_nms(boxes: torch.Tensor, threshold: float, eta: float) -> list[int]:
     """Caffe ``ApplyNMSFast``'s loop on boxes already in score order; returns kept positions."""

@@ -73,6 +73,40 @@ class PriorBoxSpec:
         """Boxes per feature-map cell."""
         return len(self.expanded_aspect_ratios) * len(self.min_sizes) + len(self.max_sizes)
 
+    @classmethod
+    def from_caffe(cls, param) -> "PriorBoxSpec":
+        """The spec of a ``caffe_pb2.PriorBoxParameter`` (a PriorBox layer's ``prior_box_param``).
+
+        Presence matters as in Caffe: ``img_h`` / ``img_w`` (both) override
+        ``img_size``; ``step_h`` / ``step_w`` (both) override ``step``; unset ones
+        fall back to the bottom shapes.
+
+        Raises:
+            ValueError: Caffe would refuse the parameters (no ``min_size``, a
+                ``max_size`` not above its ``min_size``, only one of ``img_h`` /
+                ``img_w`` or of ``step_h`` / ``step_w``, 2 or 3 variances).
+        """
+        has = param.HasField
+        if has("img_h") != has("img_w"):
+            raise ValueError("PriorBox: give both img_h and img_w, or neither")
+        if has("step_h") != has("step_w"):
+            raise ValueError("PriorBox: give both step_h and step_w, or neither")
+        return cls(
+            min_sizes=tuple(float(v) for v in param.min_size),
+            max_sizes=tuple(float(v) for v in param.max_size),
+            aspect_ratios=tuple(float(v) for v in param.aspect_ratio),
+            flip=bool(param.flip),
+            clip=bool(param.clip),
+            variances=tuple(float(v) for v in param.variance),
+            step=float(param.step) if has("step") else None,
+            step_h=float(param.step_h) if has("step_h") else None,
+            step_w=float(param.step_w) if has("step_w") else None,
+            img_size=int(param.img_size) if has("img_size") else None,
+            img_h=int(param.img_h) if has("img_h") else None,
+            img_w=int(param.img_w) if has("img_w") else None,
+            offset=float(param.offset),
+        )
+
     def variance_vector(self) -> tuple[float, float, float, float]:
         if not self.variances:
             return (0.1, 0.1, 0.1, 0.1)
