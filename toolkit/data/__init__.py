@@ -1,4 +1,4 @@
-"""Datasets: VOC, COCO and the embedded ``shapes`` default, by name.
+"""Datasets: VOC, COCO, SSD-Caffe LMDBs and the embedded ``shapes`` default, by name.
 
 Every dataset yields ``(image, target)`` with ``image`` a ``uint8 (H, W, 3)``
 BGR array (before a transform) and ``target`` as documented in
@@ -12,6 +12,11 @@ the working directory::
     data/VOCdevkit/VOC2007, data/VOCdevkit/VOC2012         (VOC)
     data/coco/{train2017,val2017}, data/coco/annotations    (COCO)
     data/shapes                                            (generated on first use)
+
+An SSD-Caffe LMDB is named by its path instead (relative to the working
+directory, not the data root), see :func:`parse_lmdb_spec`::
+
+    lmdb:PATH[,labelmap=FILE][,test=PATH2][,strict=1][,boxes=voc|continuous]
 """
 
 from __future__ import annotations
@@ -21,13 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from toolkit.data.errors import AnnotationError, DatasetError, DatasetNotFoundError, ImageReadError
+from toolkit.data.errors import (
+    AnnotationError,
+    CorruptRecordError,
+    DatasetError,
+    DatasetNotFoundError,
+    ImageReadError,
+)
 from toolkit.data.voc import VOC_CLASSES, VOC_SPLITS, VOCDetection
 
 __all__ = [
-    "AnnotationError", "DatasetError", "DatasetNotFoundError", "ImageReadError",
-    "VOC_CLASSES", "VOC_SPLITS", "VOCDetection", "DATASETS", "DatasetPreset",
-    "build_dataset", "data_root",
+    "AnnotationError", "CorruptRecordError", "DatasetError", "DatasetNotFoundError", "ImageReadError",
+    "VOC_CLASSES", "VOC_SPLITS", "VOCDetection", "DATASETS", "DatasetPreset", "LMDB_PREFIX", "LMDBSpec",
+    "build_dataset", "data_root", "parse_lmdb_spec",
 ]
 
 
@@ -36,8 +47,8 @@ class DatasetPreset:
     """A dataset name of ``--dataset``: which split trains and which one evaluates.
 
     ``kind`` is ``"voc"`` (splits are keys of :data:`VOC_SPLITS`), ``"coco"``
-    (splits are COCO folder names) or ``"shapes"``.  ``test`` is ``None`` where no
-    split with public annotations exists.
+    (splits are COCO folder names), ``"shapes"`` or ``"lmdb"`` (splits are LMDB
+    paths).  ``test`` is ``None`` where no split with public annotations exists.
     """
 
     kind: str
@@ -45,14 +56,83 @@ class DatasetPreset:
     test: Optional[str]
 
 
-DATASETS: dict[str, DatasetPreset] = {
+LMDB_PREFIX = "lmdb:"
+
+
+@dataclass(frozen=True)
+class LMDBSpec:
+    """A parsed ``lmdb:`` dataset name (see :func:`parse_lmdb_spec`)."""
+
+    path: str
+    labelmap: Optional[str] = None
+    test: Optional[str] = None
+    strict: bool = False
+    boxes: str = "voc"
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_lmdb_spec(name: str) -> LMDBSpec:
+    """Parse ``lmdb:PATH[,labelmap=FILE][,test=PATH2][,strict=1][,boxes=voc|continuous]``.
+
+    ``PATH`` is the training LMDB (the ``train`` split); ``test=PATH2`` gives the
+    ``test`` split (none without it); ``labelmap`` names the classes (default: the
+    20 VOC classes); ``strict`` fails on a corrupt record instead of skipping it;
+    ``boxes`` is the box convention of :mod:`toolkit.data.caffe_lmdb`.  Paths may
+    not contain commas.
+
+    Raises:
+        ValueError: not an ``lmdb:`` name, an empty path, or an unknown / malformed option.
+    """
+    if not name.startswith(LMDB_PREFIX):
+        raise ValueError(f"not an LMDB dataset name (expected {LMDB_PREFIX}PATH[,key=value...]): {name!r}")
+    path, *options = name[len(LMDB_PREFIX):].split(",")
+    if not path:
+        raise ValueError(f"{name!r}: no LMDB path after {LMDB_PREFIX!r}")
+    fields: dict = {"path": path}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not value or key not in ("labelmap", "test", "strict", "boxes"):
+            raise ValueError(
+                f"{name!r}: bad option {option!r}; options are labelmap=FILE, test=PATH, strict=0|1, "
+                "boxes=voc|continuous"
+            )
+        if key == "strict":
+            if value.lower() not in _TRUE + _FALSE:
+                raise ValueError(f"{name!r}: strict must be 0 or 1, got {value!r}")
+            fields[key] = value.lower() in _TRUE
+        elif key == "boxes":
+            if value not in ("voc", "continuous"):
+                raise ValueError(f"{name!r}: boxes must be 'voc' or 'continuous', got {value!r}")
+            fields[key] = value
+        else:
+            fields[key] = value
+    return LMDBSpec(**fields)
+
+
+class _DatasetTable(dict):
+    """The named presets; looking up an ``lmdb:`` name gives its preset without storing it.
+
+    So ``DATASETS[name].test`` works for LMDB names too, while ``in`` and
+    iteration see the named presets only.
+    """
+
+    def __missing__(self, name):
+        if isinstance(name, str) and name.startswith(LMDB_PREFIX):
+            spec = parse_lmdb_spec(name)
+            return DatasetPreset("lmdb", spec.path, spec.test)
+        raise KeyError(name)
+
+
+DATASETS: dict[str, DatasetPreset] = _DatasetTable({
     "voc0712": DatasetPreset("voc", "voc0712", "voc07test"),
     "voc0712plus": DatasetPreset("voc", "voc0712plus", None),
     "voc07": DatasetPreset("voc", "voc07trainval", "voc07test"),
     "voc12": DatasetPreset("voc", "voc12train", "voc12val"),
     "coco": DatasetPreset("coco", "train2017", "val2017"),
     "shapes": DatasetPreset("shapes", "train", "test"),
-}
+})
 # Every named VOC split is also a dataset name (train and test are that split),
 # except where a preset above already gives the name its train/test pair.
 DATASETS.update({name: DatasetPreset("voc", name, name) for name in VOC_SPLITS if name not in DATASETS})
@@ -75,12 +155,15 @@ def build_dataset(
 
     Args:
         name: a key of :data:`DATASETS` (``voc0712``, ``voc07``, ``coco``, ``shapes``,
-            or a named VOC split such as ``voc07test``).
+            or a named VOC split such as ``voc07test``), or an LMDB spec
+            ``lmdb:PATH[,labelmap=FILE][,test=PATH2]...`` (:func:`parse_lmdb_spec`).
         split: ``"train"`` or ``"test"``: which of the preset's splits.
-        root: data root (default :func:`data_root`).
-        labelmap: VOC only: a Caffe labelmap prototxt whose labels 1..K (display
-            names) replace the 20 VOC class names.
+        root: data root (default :func:`data_root`); LMDB paths do not use it.
+        labelmap: VOC and LMDB only: a Caffe labelmap prototxt whose labels 1..K
+            (display names) replace the 20 VOC class names.
     """
+    if isinstance(name, str) and name.startswith(LMDB_PREFIX):
+        return _build_lmdb(name, split, transform, keep_difficult, labelmap)
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     if split not in ("train", "test"):
@@ -117,3 +200,18 @@ def build_dataset(
         return VOCDetection(root / "shapes" / "VOCdevkit", [(SUBDIR, which)], classes=SHAPES_CLASSES,
                             transform=transform, keep_difficult=keep_difficult)
     return shapes_dataset(root / "shapes", split=which, transform=transform, keep_difficult=keep_difficult)
+
+
+def _build_lmdb(name: str, split: str, transform, keep_difficult: bool, labelmap):
+    from toolkit.data.caffe_lmdb import LMDBDetection
+
+    spec = parse_lmdb_spec(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = spec.path if split == "train" else spec.test
+    if path is None:
+        raise ValueError(f"dataset {name!r} has no test split: add ',test=PATH' to name a test LMDB")
+    if labelmap is not None and spec.labelmap is not None and Path(labelmap) != Path(spec.labelmap):
+        raise ValueError(f"dataset {name!r} names labelmap {spec.labelmap!r}, and labelmap={str(labelmap)!r} was given")
+    return LMDBDetection(path, labelmap=spec.labelmap or labelmap, transform=transform,
+                         keep_difficult=keep_difficult, strict=spec.strict, box_convention=spec.boxes)

@@ -18,3 +18,8 @@ class AnnotationError(DatasetError, ValueError):
 
 class ImageReadError(DatasetError, OSError):
     """An image file is missing or cannot be decoded; the message names it."""
+
+
+class CorruptRecordError(DatasetError, ValueError):
+    """A record of a Caffe LMDB is unusable (bad protobuf, undecodable image, box or label
+    out of range); the message names the LMDB and the record's key."""
