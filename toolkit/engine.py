@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -214,20 +214,45 @@ def pr_curves(result) -> dict:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def load_trained_model(path, device: torch.device | str = "cpu"):
-    """A detector from a ``toolkit.train`` checkpoint (loaded with ``weights_only=True``).
+def load_trained_model(path, device: torch.device | str = "cpu", model_name: Optional[str] = None,
+                       classes: Optional[Sequence[str]] = None):
+    """A detector from a ``toolkit.train`` checkpoint, or from a Caffe model converted by
+    ``python -m converters.caffe convert`` (both loaded with ``weights_only=True``).
+
+    A converted checkpoint holds Caffe's blobs but neither the toolkit's model name
+    nor class names: give ``model_name`` (``dsod300``, ``ssd300``, ``grp_dsod320``)
+    and ``classes`` (with ``"background"`` first); the blobs load through the model's
+    rename table (:func:`toolkit.models.caffe_import.load_caffe_blobs`).
 
     Returns:
         ``(model in eval mode, classes (with "background" first), model name)``.
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a checkpoint of either kind, a converted checkpoint without
+            ``model_name`` / ``classes``, or blobs that do not fit (each layer named).
     """
     from pathlib import Path
 
-    from toolkit.models.build import build_model
+    from toolkit.models.build import MODELS, build_model
+    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY, converted_blobs, load_caffe_blobs
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(ckpt, dict) and CONVERTED_BLOBS_KEY in ckpt:
+        if model_name is None or classes is None:
+            raise ValueError(f"{path}: a converted Caffe checkpoint; give the model preset (one of "
+                             f"{sorted(MODELS)}) and the class names")
+        classes = tuple(classes)
+        model = build_model(model_name, len(classes))
+        load_caffe_blobs(model, model.caffe_names, converted_blobs(ckpt, str(path)))
+        return model.to(device).eval(), classes, model_name
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a toolkit.train checkpoint")
     for key in ("model", "model_name", "classes"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a toolkit.train checkpoint (no {key!r})")

@@ -20,6 +20,11 @@ A trained checkpoint on a dataset's test split (VOC07 AP by default)::
 
     python -m toolkit.evaluate --checkpoint runs/main/checkpoint.pth --dataset shapes --json map.json
 
+A Caffe model converted by ``python -m converters.caffe convert`` (``--model`` names
+the toolkit model its blobs load into, through that model's rename table)::
+
+    python -m toolkit.evaluate --checkpoint dsod300.pth --model dsod300 --dataset voc07test
+
 All print a per-class table; ``--plot`` writes precision-recall curves (PNG).
 """
 
@@ -53,6 +58,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="VOC: folder of comp4_det_<split>_<class>.txt files; COCO: results JSON")
     p.add_argument("--checkpoint", type=Path, help="a toolkit.train checkpoint to evaluate on --dataset")
     p.add_argument("--dataset", help="dataset name for --checkpoint (its test split)")
+    p.add_argument("--model", help="with a --checkpoint converted from Caffe (python -m converters.caffe convert): "
+                                   "the toolkit model it loads into (dsod300, ssd300, grp_dsod320)")
     p.add_argument("--data-root", type=Path, help="data root for --dataset (default $TOOLKIT_DATA or ./data)")
     p.add_argument("--write-detections", type=Path,
                    help="with --checkpoint: also write VOC submission files into this folder")
@@ -106,10 +113,19 @@ def _run_checkpoint(args) -> dict:
     if not args.dataset:
         raise SystemExit("error: --checkpoint needs --dataset")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, classes, name = load_trained_model(args.checkpoint, device)
-    spec = INPUTS[name]
-    dataset = build_dataset(args.dataset, "test", root=args.data_root,
-                            transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
+    if args.model:
+        # A converted Caffe model: the preset fixes the input; the dataset names the classes.
+        if args.model not in INPUTS:
+            raise KeyError(f"unknown model {args.model!r}; choose from {sorted(INPUTS)}")
+        spec = INPUTS[args.model]
+        dataset = build_dataset(args.dataset, "test", root=args.data_root,
+                                transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
+        model, classes, name = load_trained_model(args.checkpoint, device, args.model, dataset.classes)
+    else:
+        model, classes, name = load_trained_model(args.checkpoint, device)
+        spec = INPUTS[name]
+        dataset = build_dataset(args.dataset, "test", root=args.data_root,
+                                transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
     if tuple(dataset.classes) != classes:
         raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
                          f"{tuple(dataset.classes[1:])}")

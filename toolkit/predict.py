@@ -3,6 +3,9 @@
 ::
 
     python -m toolkit.predict --checkpoint runs/main/checkpoint.pth img1.jpg img2.jpg --out predictions/
+    python -m toolkit.predict --checkpoint dsod300.pth --model dsod300 --labelmap labelmap_voc.prototxt img.jpg --out p/
+
+(the second: a Caffe model converted by ``python -m converters.caffe convert``).
 
 For every image, ``<out>/<stem>.png`` shows the boxes with class and score, and
 ``<out>/detections.json`` lists ``{"image", "boxes" (xyxy pixels), "scores", "labels", "classes"}``.
@@ -19,9 +22,10 @@ import cv2
 import numpy as np
 import torch
 
-from toolkit.data.errors import ImageReadError
+from toolkit.data.errors import DatasetError, ImageReadError
+from toolkit.data.labelmap import read_labelmap
 from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform
-from toolkit.data.voc import read_image_bgr
+from toolkit.data.voc import VOC_CLASSES, read_image_bgr
 from toolkit.engine import load_trained_model, predict, to_image_pixels
 from toolkit.evaluation.report import write_json
 from toolkit.models.build import INPUTS, default_postprocess
@@ -31,7 +35,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m toolkit.predict", description="Draw a trained detector's detections.",
                                 add_help=add_help)
     p.add_argument("images", nargs="+", type=Path, help="image files")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a toolkit.train checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a toolkit.train checkpoint, or a Caffe model converted by python -m converters.caffe convert")
+    p.add_argument("--model", help="with a converted Caffe checkpoint: the toolkit model it loads into (e.g. dsod300)")
+    p.add_argument("--labelmap", type=Path,
+                   help="with a converted Caffe checkpoint: Caffe labelmap prototxt of its classes (default: VOC's 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections above this score (default 0.3)")
     return p
@@ -59,8 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, classes, name = load_trained_model(args.checkpoint, device)
-    except (FileNotFoundError, ValueError) as exc:
+        classes = None
+        if args.model:
+            if args.model not in INPUTS:
+                raise ValueError(f"unknown model {args.model!r}; choose from {sorted(INPUTS)}")
+            names = read_labelmap(args.labelmap).foreground if args.labelmap else VOC_CLASSES
+            classes = ("background", *names)
+        model, classes, name = load_trained_model(args.checkpoint, device, args.model, classes)
+    except (FileNotFoundError, ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec = INPUTS[name]

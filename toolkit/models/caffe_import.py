@@ -113,3 +113,116 @@ def load_caffe_blobs(
     for change in changes:
         logger.info(change)
     return mapping
+
+
+def export_caffe_blobs(model: nn.Module, caffe_names: Mapping[str, Sequence[str]]) -> dict[str, list[np.ndarray]]:
+    """The inverse of :func:`load_caffe_blobs`: the model's tensors as Caffe layer blobs.
+
+    BatchNorm modules give ``[running_mean, running_var, [1.0]]`` (scale factor 1)
+    under the first name and ``[weight, bias]`` under the second (the Scale layer);
+    every other module gives ``[weight, bias?]``.  Arrays are float32 copies.
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, list[np.ndarray]] = {}
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().to(torch.float32).numpy().copy()
+
+    for path, names in caffe_names.items():
+        module = modules[path]
+        if isinstance(module, nn.BatchNorm2d):
+            out[names[0]] = [arr(module.running_mean), arr(module.running_var), np.ones(1, np.float32)]
+            out[names[1]] = [arr(module.weight), arr(module.bias)]
+        else:
+            blobs = [arr(module.weight)]
+            if getattr(module, "bias", None) is not None:
+                blobs.append(arr(module.bias))
+            out[names[0]] = blobs
+    return out
+
+
+# The key under which ``python -m converters.caffe convert`` stores every Caffe layer's blobs
+# (``{layer name: [tensors in Caffe's blob order]}``), beside the interpreter's state dict.
+CONVERTED_BLOBS_KEY = "caffe_blobs"
+
+
+def converted_blobs(checkpoint: Mapping, source: str = "checkpoint") -> dict[str, list[np.ndarray]]:
+    """The Caffe blobs of a converted checkpoint (``torch.load(..., weights_only=True)``'s dict).
+
+    Raises:
+        CaffeWeightsError: ``checkpoint`` is not one that ``converters.caffe convert`` wrote.
+    """
+    blobs = checkpoint.get(CONVERTED_BLOBS_KEY) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(blobs, Mapping):
+        raise CaffeWeightsError(f"{source}: no {CONVERTED_BLOBS_KEY!r}; not written by "
+                                f"'python -m converters.caffe convert'")
+    return {str(name): [torch.as_tensor(b).detach().cpu().numpy() for b in layer] for name, layer in blobs.items()}
+
+
+def _class_dependent_paths(model: nn.Module, caffe_names: Mapping[str, Sequence[str]],
+                           blobs: Mapping[str, Sequence[np.ndarray]]) -> list[str]:
+    """Rename-table entries of the confidence head whose Caffe blobs do not fit the model
+    (the Caffe net was trained for another number of classes)."""
+    modules = dict(model.named_modules())
+    paths = [p for p in caffe_names if p.startswith("head.conf.")]
+    for path in paths:
+        module, layer = modules.get(path), blobs.get(caffe_names[path][0])
+        if module is None or not layer:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and np.asarray(layer[0]).size != weight.numel():
+            return paths
+    return []
+
+
+def init_from_checkpoint(model: nn.Module, checkpoint: Mapping, source: str = "checkpoint") -> list[str]:
+    """Initialise a native detector from a converted Caffe checkpoint or a ``toolkit.train`` one
+    (``python -m toolkit.train --init-from``).
+
+    Every tensor must fit, except the confidence head when the number of classes
+    differs: those layers keep their fresh initialisation (fine-tuning a VOC model
+    on another label set).  Returns human-readable notes on what was skipped.
+
+    Raises:
+        CaffeWeightsError: a converted checkpoint whose layers do not map onto the
+            model (each layer named), or a training checkpoint of another model.
+    """
+    notes: list[str] = []
+    if isinstance(checkpoint, Mapping) and CONVERTED_BLOBS_KEY in checkpoint:
+        caffe_names = getattr(model, "caffe_names", None)
+        if not caffe_names:
+            raise CaffeWeightsError(f"{source}: the model has no Caffe rename table")
+        blobs = converted_blobs(checkpoint, source)
+        skipped = _class_dependent_paths(model, caffe_names, blobs)
+        if skipped:
+            skip_layers = {n for p in skipped for n in caffe_names[p]}
+            caffe_names = {p: n for p, n in caffe_names.items() if p not in skipped}
+            blobs = {k: v for k, v in blobs.items() if k not in skip_layers}
+            notes.append(f"confidence head left at its initialisation (other number of classes): "
+                         f"{sorted(skip_layers)}")
+        try:
+            load_caffe_blobs(model, caffe_names, blobs)
+        except CaffeWeightsError as exc:
+            raise CaffeWeightsError(f"{source}: {exc}") from None
+        return notes
+    if isinstance(checkpoint, Mapping) and "model" in checkpoint:
+        state = model.state_dict()
+        incoming = checkpoint["model"]
+        unknown = sorted(set(incoming) - set(state))
+        missing = sorted(set(state) - set(incoming))
+        if unknown or missing:
+            raise CaffeWeightsError(f"{source}: a checkpoint of another model ({checkpoint.get('model_name')!r}): "
+                                    f"{len(missing)} tensor(s) missing (e.g. {missing[:3]}), "
+                                    f"{len(unknown)} unknown (e.g. {unknown[:3]})")
+        misfit = [k for k in state if tuple(incoming[k].shape) != tuple(state[k].shape)]
+        if any(not k.startswith("head.conf.") for k in misfit):
+            bad = [f"{k} {tuple(incoming[k].shape)} vs {tuple(state[k].shape)}" for k in misfit
+                   if not k.startswith("head.conf.")]
+            raise CaffeWeightsError(f"{source}: shapes do not fit: {bad}")
+        if misfit:
+            conf = [k for k in state if k.startswith("head.conf.")]
+            incoming = {k: v for k, v in incoming.items() if k not in conf}
+            notes.append("confidence head left at its initialisation (other number of classes)")
+        model.load_state_dict(incoming, strict=False)
+        return notes
+    raise CaffeWeightsError(f"{source}: neither a converted Caffe checkpoint nor a toolkit.train checkpoint")
