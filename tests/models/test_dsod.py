@@ -92,8 +92,13 @@ def test_small_preset_shapes():
     with torch.no_grad():
         sources = model.backbone(torch.zeros(2, 3, 160, 160))
         out = model(torch.zeros(2, 3, 160, 160))
-    assert [tuple(s.shape[-2:]) for s in sources] == [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+    sizes = [(40, 40), (20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]  # Fine (stride 4), First, ...
+    assert [tuple(s.shape[-2:]) for s in sources] == sizes
+    assert [s.shape[1] for s in sources] == list(model.backbone.out_channels)
     p = out["priors"].shape[0]
     assert out["loc"].shape == (2, p, 4) and out["conf"].shape == (2, p, 7)
-    assert p == sum(h * w * n for (h, w), n in zip([(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)],
-                                                   model.prior_generator.num_priors_per_cell()))
+    assert p == sum(h * w * n for (h, w), n in zip(sizes, model.prior_generator.num_priors_per_cell()))
+    # The fine source is an addition: its layers come after DSOD's in the rename table.
+    backbone = [k for k in model.caffe_names if k.startswith("backbone.")]
+    assert backbone[-2:] == ["backbone.fine_reduce.bn", "backbone.fine_reduce.conv"]
+    assert model.caffe_names["head.loc.0.conv"] == ("Fine_norm_mbox_loc",)

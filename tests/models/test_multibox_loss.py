@@ -103,3 +103,31 @@ def test_background_label_in_targets_is_an_error():
     with pytest.raises(ValueError, match="background label"):
         loss(torch.zeros(1, 1, 4), torch.zeros(1, 1, 3), priors, torch.full((1, 4), 0.1),
              [{"boxes": priors, "labels": torch.tensor([0])}])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_matching_equals_the_per_image_matcher(seed):
+    """Random images (some without ground truth), coordinates on a coarse grid so that IoU ties
+    and duplicate boxes occur, priors crossing the border: the batched matcher must pick
+    exactly the per-image reference's matches and overlaps."""
+    from toolkit.models.multibox_loss import MatchType, match_priors, match_priors_batched
+
+    g = torch.Generator().manual_seed(seed)
+    priors = torch.randint(-2, 12, (300, 2), generator=g).float() / 10
+    priors = torch.cat([priors, priors + torch.randint(1, 5, (300, 2), generator=g).float() / 10], 1)
+    counts = [int(c) for c in torch.randint(0, 6, (5,), generator=g)]
+    gt = torch.zeros(5, max(counts), 4)
+    valid = torch.zeros(5, max(counts), dtype=torch.bool)
+    for i, c in enumerate(counts):
+        xy = torch.randint(0, 8, (c, 2), generator=g).float() / 10
+        boxes = torch.cat([xy, xy + torch.randint(1, 4, (c, 2), generator=g).float() / 10], 1)
+        if c > 2:
+            boxes[1] = boxes[0]  # a duplicate: equal IoUs with every prior
+        gt[i, :c], valid[i, :c] = boxes, True
+    for match_type in (MatchType.PER_PREDICTION, MatchType.BIPARTITE):
+        for cross in (False, True):
+            match, overlaps = match_priors_batched(priors, gt, valid, match_type, 0.5, cross)
+            for i, c in enumerate(counts):
+                ref_match, ref_overlaps = match_priors(priors, gt[i, :c], match_type, 0.5, cross)
+                assert torch.equal(match[i], ref_match), (match_type, cross, i)
+                torch.testing.assert_close(overlaps[i], ref_overlaps, rtol=0, atol=0)

@@ -106,22 +106,25 @@ def encode_boxes(
 
 
 def jaccard_normalized(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of normalized boxes, Caffe's ``JaccardOverlap`` (no ``+1``): ``(A, 4) x (B, 4) → (A, B)``.
+    """Pairwise IoU of normalized boxes, Caffe's ``JaccardOverlap`` (no ``+1``): ``(..., A, 4) x (..., B, 4) → (..., A, B)``
+    (leading dimensions broadcast, e.g. a batch of images).
 
     Disjoint boxes have IoU 0; a box with ``xmax < xmin`` or ``ymax < ymin`` has size 0.
     """
-    ix0 = torch.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0])
-    iy0 = torch.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1])
-    ix1 = torch.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2])
-    iy1 = torch.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3])
+    a = boxes_a.unsqueeze(-2)  # (..., A, 1, 4)
+    b = boxes_b.unsqueeze(-3)  # (..., 1, B, 4)
+    ix0 = torch.maximum(a[..., 0], b[..., 0])
+    iy0 = torch.maximum(a[..., 1], b[..., 1])
+    ix1 = torch.minimum(a[..., 2], b[..., 2])
+    iy1 = torch.minimum(a[..., 3], b[..., 3])
     disjoint = (ix1 < ix0) | (iy1 < iy0)
     inter = (ix1 - ix0) * (iy1 - iy0)
 
-    def size(b):
-        w = b[:, 2] - b[:, 0]
-        h = b[:, 3] - b[:, 1]
+    def size(box):
+        w = box[..., 2] - box[..., 0]
+        h = box[..., 3] - box[..., 1]
         return torch.where((w < 0) | (h < 0), torch.zeros_like(w), w * h)
 
-    union = size(boxes_a)[:, None] + size(boxes_b)[None, :] - inter
+    union = size(a) + size(b) - inter
     iou = inter / union
     return torch.where(disjoint | (union <= 0), torch.zeros_like(iou), iou)

@@ -89,6 +89,64 @@ class MultiBoxLossParams:
     mining_type: MiningType = MiningType.MAX_NEGATIVE
     normalization: Normalization = Normalization.VALID
 
+    @classmethod
+    def from_caffe(cls, param, loss_param=None) -> "MultiBoxLossParams":
+        """The parameters of a ``caffe_pb2.MultiBoxLossParameter`` (+ the layer's ``loss_param``).
+
+        Caffe's own defaults apply to unset fields (``code_type`` CORNER);
+        ``loss_param.normalization`` (else the older ``normalize``: false means
+        BATCH_SIZE) gives the normalizer, VALID when neither is set.  The
+        deprecated ``do_neg_mining`` must agree with ``mining_type`` (Caffe checks it).
+
+        Raises:
+            ValueError: no ``num_classes``, or a setting this loss does not
+                implement (``share_location: false``, LOGISTIC confidence loss,
+                HARD_EXAMPLE mining, ``map_object_to_agnostic``).
+        """
+        def enum_name(msg, field):
+            return msg.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[getattr(msg, field)].name
+
+        if not param.HasField("num_classes"):
+            raise ValueError("MultiBoxLoss: num_classes is required")
+        unsupported = []
+        if not param.share_location:
+            unsupported.append("share_location: false")
+        if enum_name(param, "conf_loss_type") != "SOFTMAX":
+            unsupported.append(f"conf_loss_type: {enum_name(param, 'conf_loss_type')}")
+        if enum_name(param, "mining_type") == "HARD_EXAMPLE":
+            unsupported.append("mining_type: HARD_EXAMPLE")
+        if param.map_object_to_agnostic:
+            unsupported.append("map_object_to_agnostic: true")
+        if unsupported:
+            raise ValueError(f"MultiBoxLoss: not implemented: {', '.join(unsupported)}")
+        mining = MiningType(enum_name(param, "mining_type"))
+        if param.HasField("do_neg_mining") and param.do_neg_mining != (mining is not MiningType.NONE):
+            raise ValueError(f"MultiBoxLoss: do_neg_mining: {str(param.do_neg_mining).lower()} contradicts "
+                             f"mining_type: {mining.value}")
+        normalization = Normalization.VALID
+        if loss_param is not None:
+            if loss_param.HasField("normalization"):
+                normalization = Normalization(enum_name(loss_param, "normalization"))
+            elif loss_param.HasField("normalize"):
+                normalization = Normalization.VALID if loss_param.normalize else Normalization.BATCH_SIZE
+        return cls(
+            num_classes=int(param.num_classes),
+            loc_loss_type=LocLossType(enum_name(param, "loc_loss_type")),
+            loc_weight=float(param.loc_weight),
+            match_type=MatchType(enum_name(param, "match_type")),
+            overlap_threshold=float(param.overlap_threshold),
+            use_prior_for_matching=bool(param.use_prior_for_matching),
+            background_label_id=int(param.background_label_id),
+            use_difficult_gt=bool(param.use_difficult_gt),
+            neg_pos_ratio=float(param.neg_pos_ratio),
+            neg_overlap=float(param.neg_overlap),
+            code_type=CodeType(enum_name(param, "code_type")),
+            encode_variance_in_target=bool(param.encode_variance_in_target),
+            ignore_cross_boundary_bbox=bool(param.ignore_cross_boundary_bbox),
+            mining_type=mining,
+            normalization=normalization,
+        )
+
 
 def match_priors(
     candidates_xyxy: torch.Tensor,
@@ -137,6 +195,60 @@ def match_priors(
         extra = (match == -1) & (best >= overlap_threshold)
         match[extra] = best_j[extra]
         overlaps[extra] = best[extra]
+    return match, overlaps
+
+
+def match_priors_batched(
+    candidates_xyxy: torch.Tensor,
+    gt_xyxy: torch.Tensor,
+    gt_valid: torch.Tensor,
+    match_type: MatchType = MatchType.PER_PREDICTION,
+    overlap_threshold: float = 0.5,
+    ignore_cross_boundary: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`match_priors` for a batch at once, with the same results image by image.
+
+    Args:
+        candidates_xyxy: ``(P, 4)`` priors shared by the batch, or ``(N, P, 4)``.
+        gt_xyxy: ``(N, G, 4)`` ground truth padded to the largest count ``G``.
+        gt_valid: ``(N, G)`` bool, False on padding.
+    Returns:
+        ``(match_indices (N, P) int64, match_overlaps (N, P))`` as :func:`match_priors`.
+    """
+    n, g = gt_valid.shape
+    cand = candidates_xyxy if candidates_xyxy.dim() == 3 else candidates_xyxy.expand(n, -1, -1)
+    p = cand.shape[1]
+    match = torch.full((n, p), -1, dtype=torch.int64, device=cand.device)
+    if g == 0:
+        return match, torch.zeros(n, p, dtype=cand.dtype, device=cand.device)
+    iou = jaccard_normalized(cand, gt_xyxy)  # (N, P, G)
+    iou = iou.masked_fill(~gt_valid[:, None, :], 0.0)
+    if ignore_cross_boundary:
+        # (N, P); only in images with ground truth, as match_priors returns early without any.
+        cross = ((cand < 0) | (cand > 1)).any(dim=2) & gt_valid.any(dim=1)[:, None]
+        match[cross] = -2
+        iou = iou.masked_fill(cross[:, :, None], 0.0)
+    iou = iou.masked_fill(iou <= 1e-6, 0.0)  # Caffe only records overlaps above 1e-6
+    best, best_j = iou.max(dim=2)  # first maximal ground truth, as Caffe's strict '>' scan
+    overlaps = best.clone()
+    # Bipartite, all images in step: each round takes every image's global maximum among
+    # unmatched priors and ground truth (first in (prior, gt) row-major order on ties).
+    work = iou.masked_fill(iou <= 0, -1.0)
+    rows = torch.arange(n, device=cand.device)
+    for _ in range(g):
+        value, flat = work.reshape(n, p * g).max(dim=1)
+        active = value > 0
+        if not bool(active.any()):
+            break
+        b, flat = rows[active], flat[active]
+        i, j = flat // g, flat % g
+        match[b, i] = j
+        overlaps[b, i] = iou[b, i, j]
+        work[b, i, :] = -1.0
+        work[b, :, j] = -1.0
+    if MatchType(match_type) is MatchType.PER_PREDICTION:
+        extra = (match == -1) & (best >= overlap_threshold)
+        match[extra] = best_j[extra]
     return match, overlaps
 
 
@@ -194,40 +306,56 @@ class MultiBoxLoss(nn.Module):
             raise ValueError(f"{len(targets)} targets for a batch of {n}")
         priors = priors_xyxy.to(loc.dtype)
         var = variances.to(loc.dtype)
-        if not prm.use_prior_for_matching:
-            decoded = decode_boxes(loc.detach(), priors, var, prm.code_type, prm.encode_variance_in_target)
-        pos_mask = torch.zeros(n, p, dtype=torch.bool, device=loc.device)
-        neg_mask = torch.zeros(n, p, dtype=torch.bool, device=loc.device)
-        conf_labels = torch.full((n, p), prm.background_label_id, dtype=torch.int64, device=loc.device)
-        loc_targets = []
-        with torch.no_grad():
-            bg_loss = -F.log_softmax(conf.detach(), dim=2)[:, :, prm.background_label_id]
+        # Ground truth padded to the batch's largest count (difficult boxes dropped first).
+        kept = []
         for i, t in enumerate(targets):
-            boxes = t["boxes"].to(loc.dtype)
-            labels = t["labels"].to(torch.int64)
+            boxes = t["boxes"].to(device=loc.device, dtype=loc.dtype)
+            labels = t["labels"].to(device=loc.device, dtype=torch.int64)
             if not prm.use_difficult_gt and "difficult" in t:
-                keep = ~t["difficult"].to(torch.bool)
+                keep = ~t["difficult"].to(device=loc.device, dtype=torch.bool)
                 boxes, labels = boxes[keep], labels[keep]
             if bool((labels == prm.background_label_id).any()):
                 raise ValueError(f"image {i}: a ground-truth box has the background label {prm.background_label_id}")
-            candidates = priors if prm.use_prior_for_matching else decoded[i]
-            match, overlaps = match_priors(candidates, boxes, prm.match_type, prm.overlap_threshold,
-                                           prm.ignore_cross_boundary_bbox)
-            pos = match >= 0
-            pos_mask[i] = pos
-            conf_labels[i, pos] = labels[match[pos]]
-            loc_targets.append(encode_boxes(boxes[match[pos]], priors[pos], var[pos], prm.code_type,
-                                            prm.encode_variance_in_target))
-            if MiningType(prm.mining_type) is MiningType.MAX_NEGATIVE:
-                cand = torch.nonzero((match == -1) & (overlaps < prm.neg_overlap)).flatten()
-                num_sel = min(int(int(pos.sum()) * prm.neg_pos_ratio), cand.numel())
-                if num_sel > 0:
-                    order = torch.sort(bg_loss[i, cand], descending=True, stable=True).indices[:num_sel]
-                    neg_mask[i, cand[order]] = True
+            kept.append((boxes, labels))
+        g = max([1] + [len(lb) for _, lb in kept])  # one padding column at least: gathers stay valid
+        gt = torch.zeros(n, g, 4, dtype=loc.dtype, device=loc.device)
+        gt_labels = torch.zeros(n, g, dtype=torch.int64, device=loc.device)
+        gt_valid = torch.zeros(n, g, dtype=torch.bool, device=loc.device)
+        for i, (boxes, labels) in enumerate(kept):
+            gt[i, :len(labels)] = boxes
+            gt_labels[i, :len(labels)] = labels
+            gt_valid[i, :len(labels)] = True
+        if prm.use_prior_for_matching:
+            candidates = priors
+        else:
+            candidates = decode_boxes(loc.detach().reshape(-1, 4), priors.repeat(n, 1), var.repeat(n, 1),
+                                      prm.code_type, prm.encode_variance_in_target).reshape(n, p, 4)
+        match, overlaps = match_priors_batched(candidates, gt, gt_valid, prm.match_type, prm.overlap_threshold,
+                                               prm.ignore_cross_boundary_bbox)
+        pos_mask = match >= 0
+        matched = match.clamp(min=0)
+        conf_labels = torch.where(pos_mask, gt_labels.gather(1, matched), prm.background_label_id)
+        matched_boxes = gt.gather(1, matched[:, :, None].expand(n, p, 4))
+        rows_i, prior_i = torch.nonzero(pos_mask, as_tuple=True)  # batch-major, then prior order
+        loc_target = encode_boxes(matched_boxes[rows_i, prior_i], priors[prior_i], var[prior_i], prm.code_type,
+                                  prm.encode_variance_in_target)
+        neg_mask = torch.zeros(n, p, dtype=torch.bool, device=loc.device)
+        if MiningType(prm.mining_type) is MiningType.MAX_NEGATIVE:
+            with torch.no_grad():
+                bg_loss = -F.log_softmax(conf.detach(), dim=2)[:, :, prm.background_label_id]
+            cand = (match == -1) & (overlaps < prm.neg_overlap)
+            num_sel = torch.minimum((pos_mask.sum(dim=1).to(torch.float64) * prm.neg_pos_ratio).floor().long(),
+                                    cand.sum(dim=1))
+            # Rank candidates by background loss (stable: ties keep prior order); others last.
+            score = bg_loss.masked_fill(~cand, float("-inf"))
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(p, device=loc.device).expand(n, p))
+            neg_mask = cand & (rank < num_sel[:, None])
         num_pos = int(pos_mask.sum())
         if num_pos > 0:
             pred = loc[pos_mask]
-            target = torch.cat(loc_targets)
+            target = loc_target
             if prm.encode_variance_in_target:
                 v = var.expand(n, p, 4)[pos_mask]
                 # Value pred / v, gradient passed through unscaled (Caffe's backward).
