@@ -3,7 +3,7 @@
 Commands::
 
     convert NET.prototxt WEIGHTS.caffemodel -o OUT.pth
-    run     NET.prototxt [WEIGHTS] --input IN.npz --out OUT.npz [--blobs a,b] [--backward] [--phase TRAIN]
+    run     NET.prototxt [WEIGHTS] --input IN.npz --out OUT.npz [--blobs a,b] [--backward] [--phase TRAIN] [--fast]
     verify  NET.prototxt [WEIGHTS] --reference REF.npz [--rtol R] [--atol A]
     recipe  SOLVER.prototxt [TRAIN.prototxt] [-o OUT.json]
 
@@ -85,6 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write '<input>_grad': the gradient w.r.t. each input of the net's loss, the sum over "
                         "loss tops of loss_weight * sum(top) as Caffe back-propagates it (loss layers are often "
                         "TRAIN-only: add --phase TRAIN)")
+    p.add_argument("--fast", action="store_true",
+                   help="run an inference-optimized copy of the net built for the blobs written (BatchNorm/Scale "
+                        "folded into convolutions, fused ReLUs, channels_last, dense-block buffers; see "
+                        "converters.caffe.optimize): same values up to float rounding; TEST phase, no --backward. "
+                        "Fastest with --blobs naming only the outputs wanted")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("verify", help="compare the net's blobs with stored reference blobs",
@@ -139,10 +144,15 @@ def _convert(args) -> int:
 
 def _run(args) -> int:
     r = cli.run(args.net, args.weights, args.input, args.out, blobs=args.blobs, backward=args.backward,
-            phase=args.phase)
+                phase=args.phase, fast=args.fast)
     _warn(r.warnings)
     source = "weights from " + str(args.weights) if args.weights else "blobs from the prototxt's fillers (random)"
     print(f"ran {args.net} ({r.net.phase}, {source}) on {_shapes(r.inputs)}")
+    if r.optimized is not None:
+        done = ", ".join(f"{k} {v}" for k, v in r.optimized.items() if v and k not in ("layers in the net",
+                                                                                         "steps in the plan"))
+        print(f"  optimized: {r.optimized['layers in the net']} layers -> {r.optimized['steps in the plan']} steps"
+              + (f" ({done})" if done else ""))
     if r.loss is not None:
         print(f"  loss {r.loss:.6g} (sum over {', '.join(r.net.loss_weights)} of loss_weight * sum(top))")
     print(f"wrote {len(r.arrays)} arrays to {r.path}")

@@ -25,6 +25,7 @@ import torch
 
 from converters.caffe.errors import CaffeConversionError
 from converters.caffe.net import CaffeNet, layer_included, modern_layers
+from converters.caffe.optimize import OptimizedCaffeNet, optimize_for_inference
 from toolkit.caffe import CaffeFormatError, caffe_pb2, read_caffemodel, read_prototxt
 
 PathLike = str | os.PathLike
@@ -337,6 +338,7 @@ class RunResult:
     inputs: dict[str, tuple[int, ...]]
     loss: Optional[float] = None
     warnings: list[str] = field(default_factory=list)
+    optimized: Optional[dict[str, int]] = None  # with fast=True: OptimizedCaffeNet.summary
 
 
 def _split_arrays(arrays: Mapping[str, np.ndarray], input_names: Sequence[str]):
@@ -403,9 +405,12 @@ def _check_inputs(net: CaffeNet, blobs: Optional[Sequence[str]], given, prototxt
         raise _missing_inputs_error(arrays_path, missing, net.input_names, arrays)
 
 
-def _forward(net: CaffeNet, inputs: Mapping[str, torch.Tensor], blobs, where: str) -> dict[str, torch.Tensor]:
+def _forward(net: CaffeNet | OptimizedCaffeNet, inputs: Mapping[str, torch.Tensor], blobs,
+             where: str) -> dict[str, torch.Tensor]:
+    """``net(inputs, blobs=blobs)`` (an OptimizedCaffeNet computes the blobs it was built for), with every
+    failure as a CaffeConversionError naming ``where``."""
     try:
-        return net(inputs, blobs=blobs)
+        return net(inputs) if isinstance(net, OptimizedCaffeNet) else net(inputs, blobs=blobs)
     except CaffeConversionError as exc:
         raise CaffeConversionError(f"{where}: {exc}") from None
     except (RuntimeError, ValueError, IndexError) as exc:
@@ -431,6 +436,7 @@ def run(
     blobs: Optional[Sequence[str]] = None,
     backward: bool = False,
     phase: str = "TEST",
+    fast: bool = False,
 ) -> RunResult:
     """One forward pass (and optionally backward) of a net on the arrays of ``inputs``; writes ``out``.
 
@@ -450,10 +456,17 @@ def run(
             layer), as Caffe's ``Net::Backward`` computes it.  Inputs the loss
             does not depend on get zeros.
         phase: ``"TEST"`` or ``"TRAIN"`` (loss layers are often TRAIN-only).
+        fast: run an :class:`~converters.caffe.optimize.OptimizedCaffeNet`
+            built for the blobs written (BatchNorm/Scale folded, fused ReLUs,
+            channels_last, ...): the same values up to float rounding, faster
+            the fewer blobs are asked for.  TEST phase, no ``backward``.
     Raises:
         CaffeConversionError: bad files, missing inputs, unknown blob names, no
-            loss for ``backward``, a layer that cannot run on the given shapes.
+            loss for ``backward``, ``fast`` with ``backward`` or TRAIN, a layer
+            that cannot run on the given shapes.
     """
+    if fast and (backward or phase != "TEST"):
+        raise CaffeConversionError("--fast runs a TEST-phase net forward only (no --backward, no --phase TRAIN)")
     arrays = read_npz(inputs)
     blobs = list(dict.fromkeys(blobs)) if blobs else None
     net, given, others = _prepare(prototxt, weights, inputs, arrays, phase, all_inputs=blobs is None)
@@ -481,6 +494,9 @@ def run(
         loss_value = float(total.detach())
         if total.requires_grad:
             total.backward()
+    elif fast:
+        optimized = optimize_for_inference(net, names)
+        values = _forward(optimized, tensors, None, str(prototxt))
     else:
         with torch.no_grad():
             values = _forward(net, tensors, computed, str(prototxt))
@@ -493,7 +509,8 @@ def run(
             grad = t.grad if t.grad is not None else torch.zeros_like(t)
             result[key] = grad.detach().numpy().astype(np.float32, copy=False)
     write_npz(out, result)
-    return RunResult(net, Path(out), result, {k: tuple(v.shape) for k, v in given.items()}, loss_value, warnings)
+    return RunResult(net, Path(out), result, {k: tuple(v.shape) for k, v in given.items()}, loss_value, warnings,
+                     optimized.summary if fast else None)
 
 
 # ---------------------------------------------------------------------------
