@@ -28,7 +28,7 @@ $(STAMP): $(CONSTRAINTS) setup.cfg pyproject.toml
 
 run: setup
 	$(PY) -m toolkit.data.shapes --root data/shapes
-	$(PY) -m toolkit.train --dataset shapes --model dsod_tiny --out runs/main
+	$(PY) -m toolkit.train --dataset shapes --model dsod_tiny --amp --cache-images --workers 0 --out runs/main
 
 test: setup
 	$(PY) -m pytest -q

@@ -272,3 +272,12 @@ def test_training_on_coco_reports_coco_ap(data_root, tmp_path):
                           str(tmp_path), "--json", str(tmp_path / "coco.json")]) == 0
     again = json.loads((tmp_path / "coco.json").read_text())
     assert again["metric"] == "coco" and again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-12)
+
+
+def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path):
+    runs = []
+    for name, extra in (("disk", ()), ("cached", ("--cache-images",))):
+        out = tmp_path / name
+        assert train_mod.main(_args(data_root, out, "--iters", "3", "--workers", "0", *extra)) == 0
+        runs.append([h["loss"] for h in _history(out)])
+    assert runs[0] == runs[1]
