@@ -47,8 +47,9 @@ def _add_net(p: argparse.ArgumentParser, weights_optional: bool) -> None:
                        if weights_optional else ""))
     p.add_argument("weights", type=Path, nargs="?" if weights_optional else None, metavar="WEIGHTS",
                    help=weights_help)
-    p.add_argument("--phase", choices=("TEST", "TRAIN"), default="TEST",
-                   help="the net state: layer include/exclude rules, BatchNorm statistics (default TEST)")
+    p.add_argument("--phase", choices=("TEST", "TRAIN"),
+                   help="the net state: layer include/exclude rules, BatchNorm statistics (default TEST; "
+                        "run --backward on a net whose loss layers are TRAIN-only uses TRAIN)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -83,8 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="write only these blobs (only the layers they need run)")
     p.add_argument("--backward", action="store_true",
                    help="also write '<input>_grad': the gradient w.r.t. each input of the net's loss, the sum over "
-                        "loss tops of loss_weight * sum(top) as Caffe back-propagates it (loss layers are often "
-                        "TRAIN-only: add --phase TRAIN)")
+                        "loss tops of loss_weight * sum(top) as Caffe back-propagates it (when the TEST net has no "
+                        "loss and the TRAIN net has, the TRAIN net runs, as if --phase TRAIN were given)")
     p.add_argument("--fast", action="store_true",
                    help="run an inference-optimized copy of the net built for the blobs written (BatchNorm/Scale "
                         "folded into convolutions, fused ReLUs, channels_last, dense-block buffers; see "
@@ -129,7 +130,7 @@ def _shapes(shapes) -> str:
 
 
 def _convert(args) -> int:
-    r = cli.convert(args.net, args.weights, args.out, phase=args.phase, strict=args.strict)
+    r = cli.convert(args.net, args.weights, args.out, phase=args.phase or "TEST", strict=args.strict)
     _warn(r.warnings)
     net = r.net
     size = f"{r.size_bytes / 2**20:.1f} MiB" if r.size_bytes >= 2**20 else f"{r.size_bytes / 2**10:.1f} KiB"
@@ -160,7 +161,8 @@ def _run(args) -> int:
 
 
 def _verify(args) -> int:
-    r = cli.verify(args.net, args.weights, args.reference, rtol=args.rtol, atol=args.atol, phase=args.phase)
+    r = cli.verify(args.net, args.weights, args.reference, rtol=args.rtol, atol=args.atol,
+                   phase=args.phase or "TEST")
     _warn(r.warnings)
     print(f"verify {args.net}" + (f" + {args.weights}" if args.weights else " (fillers)")
           + f" against {args.reference}; inputs {_shapes(r.inputs)}")

@@ -26,7 +26,7 @@ import torch
 from converters.caffe.errors import CaffeConversionError
 from converters.caffe.net import CaffeNet, layer_included, modern_layers
 from converters.caffe.optimize import OptimizedCaffeNet, optimize_for_inference
-from toolkit.caffe import CaffeFormatError, caffe_pb2, read_caffemodel, read_prototxt
+from toolkit.caffe import CaffeFormatError, CaffemodelLayers, caffe_pb2, read_prototxt
 
 PathLike = str | os.PathLike
 
@@ -164,7 +164,7 @@ def _is_zip(path: Path) -> bool:
         with open(path, "rb") as f:
             return f.read(4) == _ZIP_MAGIC
     except OSError:
-        return False  # read_caffemodel reports it
+        return False  # CaffemodelLayers reports it
 
 
 def _checkpoint_state_dict(path: Path) -> dict:
@@ -230,7 +230,7 @@ def load_net(
             state_dict = _checkpoint_state_dict(weights)
         else:
             try:
-                weights_param = read_caffemodel(weights)
+                weights_param = CaffemodelLayers(weights)  # decoded layer by layer: big files fit
             except CaffeFormatError as exc:
                 raise CaffeConversionError(f"cannot read the weights: {exc}") from None
     try:
@@ -238,6 +238,8 @@ def load_net(
                        _init_blobs=state_dict is None)
     except CaffeConversionError as exc:
         raise CaffeConversionError(f"{files}: {exc}") from None
+    except CaffeFormatError as exc:  # a layer of the caffemodel that does not decode
+        raise CaffeConversionError(f"cannot read the weights: {exc}") from None
     finally:
         del weights_param
     if state_dict is not None:
@@ -435,7 +437,7 @@ def run(
     *,
     blobs: Optional[Sequence[str]] = None,
     backward: bool = False,
-    phase: str = "TEST",
+    phase: Optional[str] = None,
     fast: bool = False,
 ) -> RunResult:
     """One forward pass (and optionally backward) of a net on the arrays of ``inputs``; writes ``out``.
@@ -455,7 +457,9 @@ def run(
             loss weight (``loss_weight``, or 1 for the first top of a ``*Loss``
             layer), as Caffe's ``Net::Backward`` computes it.  Inputs the loss
             does not depend on get zeros.
-        phase: ``"TEST"`` or ``"TRAIN"`` (loss layers are often TRAIN-only).
+        phase: ``"TEST"`` or ``"TRAIN"``; None: TEST, except that ``backward``
+            on a net whose loss layers are all TRAIN-only (SSD's MultiBoxLoss)
+            runs the TRAIN net (a warning says so).
         fast: run an :class:`~converters.caffe.optimize.OptimizedCaffeNet`
             built for the blobs written (BatchNorm/Scale folded, fused ReLUs,
             channels_last, ...): the same values up to float rounding, faster
@@ -465,12 +469,24 @@ def run(
             loss for ``backward``, ``fast`` with ``backward`` or TRAIN, a layer
             that cannot run on the given shapes.
     """
+    auto_phase = phase is None
+    phase = phase or "TEST"
     if fast and (backward or phase != "TEST"):
         raise CaffeConversionError("--fast runs a TEST-phase net forward only (no --backward, no --phase TRAIN)")
     arrays = read_npz(inputs)
     blobs = list(dict.fromkeys(blobs)) if blobs else None
     net, given, others = _prepare(prototxt, weights, inputs, arrays, phase, all_inputs=blobs is None)
     loss_tops = dict(net.loss_weights) if backward else {}
+    phase_note = None
+    if backward and not loss_tops and auto_phase:
+        definition = read_definition(prototxt)
+        if any(layer_included(layer, "TRAIN") and not layer_included(layer, "TEST")
+               for layer in modern_layers(definition)):
+            net, given, others = _prepare(prototxt, weights, inputs, arrays, "TRAIN", all_inputs=blobs is None)
+            loss_tops = dict(net.loss_weights)
+            phase = "TRAIN"
+            phase_note = (f"{prototxt}: the TEST net has no loss; --backward runs the TRAIN net "
+                          f"(give --phase to choose)")
     if backward and not loss_tops:
         hint = " (loss layers are often TRAIN-only: try --phase TRAIN)" if phase == "TEST" else ""
         raise CaffeConversionError(f"{prototxt}: --backward needs a loss, and no top of the {phase} net has a "
@@ -478,6 +494,8 @@ def run(
     computed = None if blobs is None else blobs + [t for t in loss_tops if t not in blobs]
     _check_inputs(net, computed, given, prototxt, inputs, arrays)
     warnings = _ignored_weights(net, weights)
+    if phase_note:
+        warnings.append(phase_note)
     if others:
         warnings.append(f"{inputs}: arrays that are not inputs of the net, ignored: {others}")
     names = blobs if blobs is not None else _top_blobs(net)

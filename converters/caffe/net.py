@@ -39,7 +39,7 @@ from torch import nn
 
 from converters.caffe.errors import CaffeConversionError
 from converters.caffe.layers import LAYER_TYPES, CaffeLayer, Input, build_layer, fill_
-from toolkit.caffe import CaffeFormatError, blob_to_numpy, caffe_pb2, read_caffemodel, read_prototxt
+from toolkit.caffe import CaffeFormatError, CaffemodelLayers, blob_to_numpy, caffe_pb2, read_prototxt
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ class CaffeNet(nn.Module):
 
     Args:
         net: the parsed prototxt (modern or V1).
-        weights: a parsed caffemodel (modern or V1), or None to initialise every
+        weights: a parsed caffemodel (modern or V1; a ``NetParameter`` or a
+            :class:`toolkit.caffe.CaffemodelLayers`), or None to initialise every
             blob from the prototxt's fillers.  Not kept: only its blobs are copied.
         phase: ``"TEST"`` (default) or ``"TRAIN"``: selects layers by their
             include / exclude rules and BatchNorm's default statistics; the
@@ -440,16 +441,20 @@ class CaffeNet(nn.Module):
             raise CaffeConversionError(f"net {self.name!r}: bad weight sharing:\n  " + "\n  ".join(problems))
         return owned
 
-    def _load_weights(self, weights: caffe_pb2.NetParameter, owned: set[tuple[str, int]], strict: bool) -> set[str]:
+    def _load_weights(self, weights: "caffe_pb2.NetParameter | CaffemodelLayers", owned: set[tuple[str, int]], strict: bool) -> set[str]:
         """Copy the caffemodel's blobs, matched by layer name; returns the layers loaded."""
-        if len(weights.layer) and len(weights.layers):
-            raise CaffeConversionError(f"caffemodel {weights.name!r} has both 'layer' and V1 'layers' entries; "
-                                       "Caffe refuses such files")
+        if isinstance(weights, CaffemodelLayers):
+            sources = weights  # decoded one layer at a time (CaffemodelLayers checked the structure)
+        else:
+            if len(weights.layer) and len(weights.layers):
+                raise CaffeConversionError(f"caffemodel {weights.name!r} has both 'layer' and V1 'layers' entries; "
+                                           "Caffe refuses such files")
+            sources = weights.layer if len(weights.layer) else weights.layers
         specs = {s.name: s for s in self.layer_specs}
         seen: set[str] = set()
         loaded: set[str] = set()
         extra, mismatched = [], []
-        for source in (weights.layer if len(weights.layer) else weights.layers):
+        for source in sources:
             name = source.name
             if name in seen:
                 mismatched.append(f"{name!r}: appears twice in the caffemodel")
@@ -642,7 +647,9 @@ def load_caffe_net(
 ) -> CaffeNet:
     """Read a prototxt (and caffemodel) into a :class:`CaffeNet`; see its arguments.
 
-    The caffemodel's ``NetParameter`` is dropped once its blobs are copied.
+    The caffemodel is read through :class:`toolkit.caffe.CaffemodelLayers`: memory-mapped
+    and decoded one layer at a time, so the peak is the net's own tensors plus one layer
+    (not the whole decoded file beside them).
 
     Raises:
         CaffeConversionError: unreadable or malformed files (the message names
@@ -655,7 +662,7 @@ def load_caffe_net(
     weights = None
     if caffemodel is not None:
         try:
-            weights = read_caffemodel(caffemodel)
+            weights = CaffemodelLayers(caffemodel)
         except CaffeFormatError as exc:
             raise CaffeConversionError(f"cannot read the weights: {exc}") from exc
     files = f"{prototxt}" + (f" + {caffemodel}" if caffemodel is not None else "")
@@ -664,5 +671,7 @@ def load_caffe_net(
                         strict=strict)
     except CaffeConversionError as exc:
         raise CaffeConversionError(f"{files}: {exc}") from None
+    except CaffeFormatError as exc:  # a layer of the caffemodel that does not decode
+        raise CaffeConversionError(f"cannot read the weights: {exc}") from None
     finally:
         del weights

@@ -24,7 +24,23 @@ from google.protobuf import unknown_fields
 
 import toolkit.caffe.generate_pb2 as generate_pb2
 from conftest import fixtures_root, require_fixture
-from toolkit.caffe import CaffeFormatError, blob_to_numpy, caffe_pb2, layer_blobs, read_caffemodel, read_prototxt
+from toolkit.caffe import (
+    CaffeFormatError,
+    CaffemodelLayers,
+    blob_to_numpy,
+    caffe_pb2,
+    layer_blobs,
+    read_caffemodel,
+    read_prototxt,
+)
+
+
+def _read_layer_by_layer(path):
+    return list(CaffemodelLayers(path))
+
+
+# Both readers must refuse broken files alike.
+READERS = pytest.mark.parametrize("read", [read_caffemodel, _read_layer_by_layer], ids=["whole", "streamed"])
 
 DSOD_CAFFEMODEL = "caffe/dsod300/random_init.caffemodel"
 # Files written by another Caffe fork, with the field our schema rightly lacks.
@@ -397,7 +413,8 @@ def test_binary_layer_settings_equal_the_text_ones(deploy, weights, request):
 # ---------------------------------------------------------------------------
 
 
-def test_truncated_caffemodel(dsod, tmp_path):
+@READERS
+def test_truncated_caffemodel(dsod, tmp_path, read):
     ends = _top_level_ends(dsod.raw)
     layer_ends = [end for number, end in ends if number == NET_LAYER]
     assert ends[-1][1] == len(dsod.raw) and len(layer_ends) == 485
@@ -412,7 +429,7 @@ def test_truncated_caffemodel(dsod, tmp_path):
             f.truncate(int(offset))
             f.flush()
             with pytest.raises(CaffeFormatError, match=rf"{re.escape(str(cut))}: .*truncated"):
-                read_caffemodel(cut)
+                read(cut)
 
 
 def test_cut_between_layers_is_not_detectable(dsod, tmp_path):
@@ -429,11 +446,12 @@ def test_cut_between_layers_is_not_detectable(dsod, tmp_path):
         read_caffemodel(cut)
 
 
-def test_empty_caffemodel(tmp_path):
+@READERS
+def test_empty_caffemodel(tmp_path, read):
     empty = tmp_path / "empty.caffemodel"
     empty.write_bytes(b"")
     with pytest.raises(CaffeFormatError, match=rf"{re.escape(str(empty))}: empty file"):
-        read_caffemodel(empty)
+        read(empty)
 
 
 @pytest.mark.parametrize(
@@ -445,18 +463,43 @@ def test_empty_caffemodel(tmp_path):
         ("caffe/prototxt/labelmap_voc.prototxt", "prototxt"),
     ],
 )
-def test_wrong_file_as_caffemodel(wrong, says):
+@READERS
+def test_wrong_file_as_caffemodel(wrong, says, read):
     path = require_fixture(wrong)
     with pytest.raises(CaffeFormatError, match=rf"{re.escape(str(path))}: .*{says}"):
-        read_caffemodel(path)
+        read(path)
 
 
-def test_bytes_that_decode_to_no_layer(tmp_path):
+@READERS
+def test_bytes_that_decode_to_no_layer(tmp_path, read):
     # Field 1 (name, a string) given as a varint: protobuf keeps it as an unknown field.
     odd = tmp_path / "odd.caffemodel"
     odd.write_bytes(b"\x08\x01")
     with pytest.raises(CaffeFormatError, match="holds no layer"):
-        read_caffemodel(odd)
+        read(odd)
+
+
+@pytest.mark.parametrize("path", _fixture_params(["caffe/**/*.caffemodel"]))
+def test_layer_by_layer_reading_equals_the_whole_file(path):
+    """CaffemodelLayers (memory-mapped, one layer decoded at a time) gives read_caffemodel's layers."""
+    if path is None:
+        require_fixture("caffe")
+    whole = read_caffemodel(path)
+    streamed = CaffemodelLayers(path)
+    layers = whole.layer if len(whole.layer) else whole.layers
+    assert streamed.name == whole.name and streamed.legacy == (not len(whole.layer)) and len(streamed) == len(layers)
+    for a, b in zip(streamed, layers):
+        assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_layer_by_layer_reading_refuses_mixed_layer_kinds(tmp_path):
+    mixed = caffe_pb2.NetParameter(name="mixed")
+    mixed.layer.add(name="new", type="ReLU")
+    mixed.layers.add(name="old")
+    path = tmp_path / "mixed.caffemodel"
+    path.write_bytes(mixed.SerializeToString())
+    with pytest.raises(CaffeFormatError, match="both 'layer' and V1 'layers'"):
+        CaffemodelLayers(path)
 
 
 @pytest.mark.parametrize(

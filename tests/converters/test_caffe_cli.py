@@ -227,9 +227,11 @@ def test_run_backward_gives_caffes_multibox_loss_gradients(case, tmp_path, capsy
     # The fixture's Input blobs pass through identity Scale layers named like the stored blobs.
     np.savez(tmp_path / "in.npz", mbox_loc_input=data["mbox_loc"], mbox_conf_input=data["mbox_conf"],
              mbox_priorbox=data["mbox_priorbox"], label=data["label"])
-    code, out, err = cli(capsys, "run", folder / "train.prototxt", "--phase", "TRAIN", "--input", tmp_path / "in.npz",
+    # Without --phase: the loss layer is TRAIN-only, so --backward runs the TRAIN net and says so.
+    code, out, err = cli(capsys, "run", folder / "train.prototxt", "--input", tmp_path / "in.npz",
                          "--out", tmp_path / "out.npz", "--backward")
     assert code == 0, err
+    assert "the TEST net has no loss; --backward runs the TRAIN net" in err
     got, expected = np.load(tmp_path / "out.npz"), np.load(folder / "output.npz")
     assert got["mbox_loss"].shape == () and "loss" in out
     assert float(got["mbox_loss"]) == pytest.approx(float(expected["mbox_loss"]), rel=1e-5, abs=1e-7)

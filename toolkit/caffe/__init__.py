@@ -6,10 +6,18 @@ and readers for prototxts, caffemodels and their blobs (:mod:`toolkit.caffe.io`)
 """
 
 from toolkit.caffe import caffe_pb2
-from toolkit.caffe.io import CaffeFormatError, blob_to_numpy, layer_blobs, read_caffemodel, read_prototxt
+from toolkit.caffe.io import (
+    CaffeFormatError,
+    CaffemodelLayers,
+    blob_to_numpy,
+    layer_blobs,
+    read_caffemodel,
+    read_prototxt,
+)
 
 __all__ = [
     "CaffeFormatError",
+    "CaffemodelLayers",
     "blob_to_numpy",
     "caffe_pb2",
     "layer_blobs",

@@ -5,6 +5,7 @@ compiled into :mod:`toolkit.caffe.caffe_pb2`.
 
 * :func:`read_prototxt` -- protobuf text format (nets, solvers, label maps).
 * :func:`read_caffemodel` -- binary ``NetParameter`` (trained weights).
+* :class:`CaffemodelLayers` -- the same file's layers decoded one at a time (big files).
 * :func:`blob_to_numpy` -- one ``BlobProto`` as a float32 array.
 * :func:`layer_blobs` -- every layer's blobs, by layer name.
 
@@ -320,6 +321,102 @@ def read_caffemodel(path: PathLike) -> caffe_pb2.NetParameter:
             + (f"; {kind}" if kind else "")
         )
     return net
+
+
+class CaffemodelLayers:
+    """The layers of a ``.caffemodel``, decoded one at a time from a memory map.
+
+    :func:`read_caffemodel` holds the whole decoded ``NetParameter`` (about the
+    file's size again on top of the file); iterating this object holds only the
+    layer being decoded, so a converter that copies each layer's blobs into its
+    own tensors peaks at those tensors plus one layer.  The file's structure
+    (every top-level field, modern ``layer`` vs V1 ``layers``) is checked when
+    the object is made; a layer whose bytes do not decode raises on iteration.
+
+    Iterating yields ``LayerParameter`` (or ``V1LayerParameter`` for legacy
+    files) in file order.  ``len()`` is the number of layers.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        import mmap
+
+        self.path = Path(path)
+        self.name = ""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    raise CaffeFormatError(f"{self.path}: empty file, expected a binary Caffe NetParameter "
+                                           f"(.caffemodel)")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:  # as _read_bytes words it
+            raise CaffeFormatError(f"{self.path}: cannot read caffemodel ({exc.strerror or exc})") from None
+        self._spans = self._scan()
+
+    def _fail(self) -> CaffeFormatError:
+        raw = bytes(self._map)  # a broken file: copying it for the diagnosis is fine
+        return CaffeFormatError(f"{self.path}: cannot decode as a binary Caffe NetParameter (.caffemodel): "
+                                f"{_diagnose_binary(raw)}")
+
+    def _scan(self) -> list[tuple[int, int, int]]:
+        """``(field number, start, end)`` of every layer; the net name read on the way."""
+        raw = self._map
+        if _magic_kind(raw[:64]) is not None:
+            raise self._fail()
+        spans, pos, end = [], 0, len(raw)
+        while pos < end:
+            tag = _read_varint(raw, pos)
+            if tag is None:
+                raise self._fail()
+            key, pos = tag
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                varint = _read_varint(raw, pos)
+                if varint is None:
+                    raise self._fail()
+                pos = varint[1]
+            elif wire_type == 2:
+                length = _read_varint(raw, pos)
+                if length is None or length[1] + length[0] > end:
+                    raise self._fail()
+                size, pos = length
+                if number in (2, 100):
+                    spans.append((number, pos, pos + size))
+                elif number == 1:
+                    self.name = bytes(raw[pos:pos + size]).decode("utf-8", errors="replace")
+                pos += size
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+                if pos > end:
+                    raise self._fail()
+            else:
+                raise self._fail()
+        if not spans:
+            kind = _file_kind(bytes(raw[:4096]))
+            raise CaffeFormatError(f"{self.path}: decodes as protobuf but holds no layer, so it is not a Caffe net"
+                                   + (f"; {kind}" if kind else ""))
+        if len({n for n, _, _ in spans}) > 1:
+            raise CaffeFormatError(f"{self.path}: has both 'layer' and V1 'layers' entries; Caffe refuses such files")
+        return spans
+
+    @property
+    def legacy(self) -> bool:
+        """True for a V1 file (``layers``)."""
+        return self._spans[0][0] == 2
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __iter__(self):
+        message = caffe_pb2.V1LayerParameter if self.legacy else caffe_pb2.LayerParameter
+        for index, (_, start, end) in enumerate(self._spans):
+            layer = message()
+            try:
+                layer.ParseFromString(self._map[start:end])
+            except DecodeError as exc:
+                raise CaffeFormatError(f"{self.path}: layer {index} (bytes {start}..{end}) does not decode: "
+                                       f"corrupt file [protobuf: {exc}]") from None
+            yield layer
 
 
 # ---------------------------------------------------------------------------
