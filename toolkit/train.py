@@ -118,7 +118,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="SSD expand augmentation: largest zoom-out ratio (Caffe recipe 4; 1 disables expand)")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC activations (default on; about 1.7x faster convolutions on the CPU)")
+                   help="NHWC activations (default on; dsod_tiny training steps were 1.7x faster with it on the CPU)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA only)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--cache-images", action="store_true",
