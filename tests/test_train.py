@@ -278,6 +278,7 @@ def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path):
     runs = []
     for name, extra in (("disk", ()), ("cached", ("--cache-images",))):
         out = tmp_path / name
-        assert train_mod.main(_args(data_root, out, "--iters", "3", "--workers", "0", *extra)) == 0
+        # 8 steps of 4 over 24 images: the second epoch reads cached items a second time.
+        assert train_mod.main(_args(data_root, out, "--iters", "8", "--workers", "0", *extra)) == 0
         runs.append([h["loss"] for h in _history(out)])
     assert runs[0] == runs[1]

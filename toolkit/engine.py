@@ -50,7 +50,9 @@ class InMemoryDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, target = self.items[index]
-        return image.copy(), {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in target.items()}
+        # Copies: a transform that edits its input in place must not change the cache.
+        return image.copy(), {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray)
+                                  else v) for k, v in target.items()}
 
 
 class AugmentedDataset(Dataset):

@@ -48,6 +48,7 @@ import numpy as np
 from toolkit.caffe import caffe_pb2
 from toolkit.data.errors import AnnotationError, DatasetNotFoundError, ImageReadError
 from toolkit.data.labelmap import LabelMap, read_labelmap
+from toolkit.data.voc import read_xml_root
 
 ENCODE_TYPES = ("jpg", "png")
 COMMIT_EVERY = 1000  # records per LMDB transaction, as convert_annoset commits
@@ -164,12 +165,7 @@ def xml_annotation_groups(
             size, a class name not in the labelmap, a box before its object's name.
     """
     path = Path(xml_path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise AnnotationError(f"{path}: malformed XML ({exc})") from None
-    except OSError as exc:
-        raise AnnotationError(f"{path}: cannot read annotation ({exc.strerror or exc})") from None
+    root = read_xml_root(path)
     if root.tag != "annotation":
         raise AnnotationError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     size = root.find("size")

@@ -140,6 +140,20 @@ def _parse_number(text: str, tag: str, path: Path) -> float:
         raise AnnotationError(f"{path}: <{tag}> is not a number: {text!r}") from None
 
 
+def read_xml_root(path: str | os.PathLike) -> ET.Element:
+    """The root element of an annotation XML file.
+
+    Raises:
+        AnnotationError: naming the file, when it cannot be read or is malformed XML.
+    """
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise AnnotationError(f"{path}: malformed XML ({exc})") from None
+    except OSError as exc:
+        raise AnnotationError(f"{path}: cannot read annotation ({exc.strerror or exc})") from None
+
+
 def parse_voc_xml(path: str | os.PathLike) -> VOCAnnotation:
     """Parse one VOC annotation file.
 
@@ -152,12 +166,7 @@ def parse_voc_xml(path: str | os.PathLike) -> VOCAnnotation:
             non-numeric coordinate.
     """
     path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise AnnotationError(f"{path}: malformed XML ({exc})") from None
-    except OSError as exc:
-        raise AnnotationError(f"{path}: cannot read annotation ({exc.strerror})") from None
+    root = read_xml_root(path)
     filename = _child_text(root, "filename", path, required=False) or (path.stem + ".jpg")
     size = root.find("size")
     width = height = depth = 0
