@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(small_root, tmp_path
     first, second = _digests(small_root), _digests(again)
     assert first == second
     assert "MANIFEST.json" in first and len(first) == 2 * (12 + 4) + 3 + 1 + 1
+
+    # Two rendering processes write the same bytes as one.
+    parallel = tmp_path / "parallel"
+    shapes.generate_shapes(parallel, seed=0, workers=2, **SMALL)
+    assert _digests(parallel) == first
 
     other = tmp_path / "other"
     shapes.generate_shapes(other, seed=1, **SMALL)
@@ -253,9 +259,26 @@ def test_failed_generation_leaves_no_dataset(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(shapes, "encode_jpeg", boom)
+    monkeypatch.setattr(shapes, "encode_jpeg", boom)  # in this process: one rendering process
     with pytest.raises(RuntimeError):
-        shapes.generate_shapes(root, **SMALL)
+        shapes.generate_shapes(root, workers=1, **SMALL)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_with_rendering_processes_leaves_no_dataset(tmp_path, monkeypatch):
+    # The writer fails while two processes render: the pool is stopped and nothing stays.
+    root = tmp_path / "shapes"
+    calls = []
+
+    def sha256(data):
+        calls.append(len(data))
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(shapes, "hashlib", types.SimpleNamespace(sha256=sha256))
+    with pytest.raises(OSError, match="disk full"):
+        shapes.generate_shapes(root, workers=2, **SMALL)
     assert list(tmp_path.iterdir()) == []
 
 

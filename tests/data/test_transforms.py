@@ -16,6 +16,7 @@ from toolkit.data.transforms import (
     CaffePreprocess,
     DistortParams,
     ExpandParams,
+    RandomMirror,
     SSDTestTransform,
     SSDTrainTransform,
     adjust_brightness,
@@ -339,3 +340,30 @@ def test_virtual_canvas_crop_equals_materialised_expand_then_crop(seed, h, w):
         chh = int(rng.integers(1, ch_ - y0 + 1))
         np.testing.assert_array_equal(crop_from_canvas(image, e, (x0, y0, cw, chh), (104, 117, 123)),
                                       canvas[y0 : y0 + chh, x0 : x0 + cw])
+
+
+def test_random_mirror_equals_warp_then_flip_then_preprocess():
+    # RandomMirror after the (cacheable) test transform == LINEAR warp, flip, Caffe preprocessing.
+    gen = np.random.default_rng(4)
+    image = gen.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    target = {"boxes": torch.tensor([[3.0, 4.0, 40.0, 30.0], [60.0, 0.0, 70.0, 50.0]]),
+              "labels": torch.tensor([1, 2]), "difficult": torch.tensor([False, True]), "image_id": "x"}
+    preprocess = PREPROCESS_PRESETS["dsod"]
+    warped, warped_target = SSDTestTransform(32, preprocess)(image, target)
+    resized = cv2.resize(image, (32, 32), interpolation=cv2.INTER_LINEAR)
+    scaled = target["boxes"] * torch.tensor([32 / 70, 32 / 50, 32 / 70, 32 / 50])
+    seen = set()
+    for seed in range(12):
+        out, out_target = RandomMirror()(warped.clone(), warped_target, np.random.default_rng(seed))
+        mirrored = bool(np.random.default_rng(seed).integers(2))
+        seen.add(mirrored)
+        want_image = preprocess(np.ascontiguousarray(resized[:, ::-1]) if mirrored else resized)
+        assert torch.equal(out, want_image)
+        want_boxes = scaled[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor(
+            [32.0, 0.0, 32.0, 0.0]) if mirrored else scaled
+        torch.testing.assert_close(out_target["boxes"], want_boxes, rtol=0, atol=1e-4)
+        assert torch.equal(out_target["labels"], target["labels"])
+        assert torch.equal(out_target["difficult"], target["difficult"])
+        assert out_target["image_id"] == "x"
+    assert seen == {True, False}
+    assert torch.equal(warped_target["boxes"], SSDTestTransform(32, preprocess)(image, target)[1]["boxes"])

@@ -60,7 +60,8 @@ Determinism contract
 --------------------
 Image ``index`` of ``split`` is rendered from its own generator
 ``np.random.default_rng([seed, split_code, index])``, so an image does not
-depend on any other (and generation could run in parallel).  The same
+depend on any other: images are rendered by several processes (``workers``)
+and the files do not depend on how many.  The same
 ``GENERATOR_VERSION``, seed and parameters give byte-identical files with the
 same NumPy/OpenCV builds (the JPEG encoder and OpenCV's resize are part of the
 output; their versions are recorded in the manifest for information).  Bump
@@ -551,10 +552,11 @@ def generate_shapes(
     root: str | os.PathLike,
     *,
     seed: int = 0,
-    num_train: int = 2000,
+    num_train: int = 8000,
     num_test: int = 500,
     force: bool = False,
     progress: bool = True,
+    workers: Optional[int] = None,
 ) -> dict:
     """Write the SHAPES dataset under ``root`` (see the module docstring for the layout).
 
@@ -568,6 +570,8 @@ def generate_shapes(
         num_train, num_test: images per split.
         force: regenerate even when a matching dataset exists.
         progress: show a tqdm progress bar.
+        workers: rendering processes (default: the CPU count, at most 8; 1 renders
+            in this process). The output does not depend on it.
     Returns:
         The manifest dict (also written to ``<root>/MANIFEST.json``).
     Raises:
@@ -588,7 +592,9 @@ def generate_shapes(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        manifest = _write_dataset(tmp, seed, num_train, num_test, progress)
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        manifest = _write_dataset(tmp, seed, num_train, num_test, progress, workers)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -598,8 +604,21 @@ def generate_shapes(
     return manifest
 
 
-def _write_dataset(out: Path, seed: int, num_train: int, num_test: int, progress: bool) -> dict:
-    """Write every file under ``out``, ``MANIFEST.json`` last; return the manifest."""
+def _encode_image(job: tuple[int, str, int]) -> tuple[str, bytes, bytes, int, list[tuple[str, bool, bool]]]:
+    """Render and encode one image: ``(image_id, JPEG bytes, XML bytes, objects drawn,
+    [(name, difficult, truncated) per annotation])`` (picklable, for worker processes)."""
+    rendered = render_image(*job)
+    annotations = [(a.name, bool(a.difficult), bool(a.truncated)) for a in rendered.annotations]
+    return (rendered.image_id, encode_jpeg(rendered.image_bgr), annotation_xml(rendered).encode(),
+            len(rendered.objects), annotations)
+
+
+def _write_dataset(out: Path, seed: int, num_train: int, num_test: int, progress: bool, workers: int) -> dict:
+    """Write every file under ``out``, ``MANIFEST.json`` last; return the manifest.
+
+    Images are rendered by ``workers`` processes (each image has its own random
+    generator, so the bytes do not depend on ``workers``) and written here, in order.
+    """
     from tqdm import tqdm
 
     folder = out / "VOCdevkit" / SUBDIR
@@ -616,24 +635,35 @@ def _write_dataset(out: Path, seed: int, num_train: int, num_test: int, progress
 
     counts = {}
     num_images = {"train": num_train, "test": num_test}
-    bar = tqdm(total=num_train + num_test, desc="shapes", unit="img", disable=not progress)
+    jobs = [(seed, split, index) for split in SPLITS for index in range(num_images[split])]
+    workers = max(1, min(workers, -(-len(jobs) // 8)))  # a process per 8 images at most
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        # spawn: a forked child would inherit OpenMP / torch thread state of the parent.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=cv2.setNumThreads, initargs=(1,))
+        encoded = pool.imap(_encode_image, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers))))
+    else:
+        encoded = map(_encode_image, jobs)
+    bar = tqdm(total=len(jobs), desc="shapes", unit="img", disable=not progress)
     try:
         for split in SPLITS:
             stats = _split_stats()
             ids = []
-            for index in range(num_images[split]):
-                rendered = render_image(seed, split, index)
+            for _ in range(num_images[split]):
+                image_id, jpeg, xml, num_objects, annotations = next(encoded)
                 base = f"VOCdevkit/{SUBDIR}"
-                write(f"{base}/JPEGImages/{rendered.image_id}.jpg", encode_jpeg(rendered.image_bgr))
-                write(f"{base}/Annotations/{rendered.image_id}.xml", annotation_xml(rendered).encode())
-                ids.append(rendered.image_id)
+                write(f"{base}/JPEGImages/{image_id}.jpg", jpeg)
+                write(f"{base}/Annotations/{image_id}.xml", xml)
+                ids.append(image_id)
                 stats["images"] += 1
-                stats["dropped"] += len(rendered.objects) - len(rendered.annotations)
-                for ann in rendered.annotations:
+                stats["dropped"] += num_objects - len(annotations)
+                for name, difficult, truncated in annotations:
                     stats["objects"] += 1
-                    stats["difficult"] += int(ann.difficult)
-                    stats["truncated"] += int(ann.truncated)
-                    stats["per_class"][ann.name] += 1
+                    stats["difficult"] += int(difficult)
+                    stats["truncated"] += int(truncated)
+                    stats["per_class"][name] += 1
                 bar.update(1)
             listing = "".join(f"{i}\n" for i in ids).encode()
             write(f"VOCdevkit/{SUBDIR}/ImageSets/Main/{split}.txt", listing)
@@ -642,6 +672,9 @@ def _write_dataset(out: Path, seed: int, num_train: int, num_test: int, progress
             counts[split] = stats
     finally:
         bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     write(_LABELMAP, labelmap_text().encode())
 
     manifest = {
@@ -750,9 +783,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--root", default="data/shapes", help="dataset folder (default: data/shapes)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-train", type=int, default=8000)
     parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--force", action="store_true", help="regenerate even if a matching dataset exists")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="rendering processes (default: the CPU count, at most 8); the output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -771,7 +806,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         manifest = generate_shapes(
             root, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
-            force=args.force, progress=not args.quiet,
+            force=args.force, progress=not args.quiet, workers=args.workers,
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

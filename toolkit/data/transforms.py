@@ -633,6 +633,27 @@ class SSDTestTransform:
         return self.preprocess(image), _repack(target, boxes, labels[index], difficult[index])
 
 
+class RandomMirror:
+    """Horizontal mirror with probability 0.5 of an image the test transform already
+    warped and preprocessed (the ``mirror`` recipe of short CPU runs).
+
+    Call with ``(image float (3, H, W) tensor, target, rng)``; boxes are xyxy continuous
+    pixels of that image, and ``x`` maps to ``W - x``.  Mirroring commutes with Caffe's
+    per-pixel preprocessing, so this equals warping (LINEAR), mirroring and then
+    preprocessing, and a dataset can cache the warped images once.
+    """
+
+    def __call__(self, image: torch.Tensor, target: dict, rng: Optional[np.random.Generator] = None):
+        rng = rng or process_rng()
+        if not rng.integers(2):
+            return image, target
+        width = image.shape[-1]
+        boxes = target["boxes"]
+        out = dict(target)
+        out["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        return image.flip(-1), out
+
+
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
     """Stack same-sized images to ``(B, 3, H, W)``; targets stay a list of dicts."""
     images, targets = zip(*batch)

@@ -110,21 +110,31 @@ def jaccard_normalized(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Te
     (leading dimensions broadcast, e.g. a batch of images).
 
     Disjoint boxes have IoU 0; a box with ``xmax < xmin`` or ``ymax < ymin`` has size 0.
+    The result may be a transposed view: the longer list of boxes is laid along the last,
+    contiguous axis (thousands of priors against a few ground-truth boxes), which does
+    not change a single bit of the values since every step of the formula is symmetric.
     """
-    a = boxes_a.unsqueeze(-2)  # (..., A, 1, 4)
-    b = boxes_b.unsqueeze(-3)  # (..., 1, B, 4)
-    ix0 = torch.maximum(a[..., 0], b[..., 0])
-    iy0 = torch.maximum(a[..., 1], b[..., 1])
-    ix1 = torch.minimum(a[..., 2], b[..., 2])
-    iy1 = torch.minimum(a[..., 3], b[..., 3])
+    if boxes_a.shape[-2] > boxes_b.shape[-2]:
+        return _jaccard(boxes_b, boxes_a).transpose(-1, -2)
+    return _jaccard(boxes_a, boxes_b)
+
+
+def _jaccard(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
+    # Coordinate planes: a's as (..., A, 1) columns, b's contiguous as (..., 1, B) rows.
+    ax0, ay0, ax1, ay1 = (c.unsqueeze(-1) for c in boxes_a.unbind(-1))
+    bx0, by0, bx1, by1 = (c.unsqueeze(-2) for c in boxes_b.movedim(-1, 0).contiguous())
+    ix0 = torch.maximum(ax0, bx0)
+    iy0 = torch.maximum(ay0, by0)
+    ix1 = torch.minimum(ax1, bx1)
+    iy1 = torch.minimum(ay1, by1)
     disjoint = (ix1 < ix0) | (iy1 < iy0)
     inter = (ix1 - ix0) * (iy1 - iy0)
 
-    def size(box):
-        w = box[..., 2] - box[..., 0]
-        h = box[..., 3] - box[..., 1]
+    def size(x0, y0, x1, y1):
+        w = x1 - x0
+        h = y1 - y0
         return torch.where((w < 0) | (h < 0), torch.zeros_like(w), w * h)
 
-    union = size(a) + size(b) - inter
+    union = size(ax0, ay0, ax1, ay1) + size(bx0, by0, bx1, by1) - inter
     iou = inter / union
     return torch.where(disjoint | (union <= 0), torch.zeros_like(iou), iou)

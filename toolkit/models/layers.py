@@ -25,7 +25,9 @@ class L2Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + self.eps)
-        return x / norm * self.weight.view(1, -1, 1, 1)
+        # In x's dtype: under bfloat16 autocast a float32 scale would promote the whole
+        # map to float32, and each following convolution would cast it back.
+        return x / norm * self.weight.to(x.dtype).view(1, -1, 1, 1)
 
 
 class BNReLUConv(nn.Module):
