@@ -274,11 +274,13 @@ def test_training_on_coco_reports_coco_ap(data_root, tmp_path):
     assert again["metric"] == "coco" and again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-12)
 
 
-def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path):
+@pytest.mark.parametrize("augment", ["mirror", "light"])  # caches warped tensors / decoded BGR arrays
+def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path, augment):
     runs = []
     for name, extra in (("disk", ()), ("cached", ("--cache-images",))):
         out = tmp_path / name
         # 8 steps of 4 over 24 images: the second epoch reads cached items a second time.
-        assert train_mod.main(_args(data_root, out, "--iters", "8", "--workers", "0", *extra)) == 0
+        assert train_mod.main(_args(data_root, out, "--iters", "8", "--workers", "0", "--augment", augment,
+                                    *extra)) == 0
         runs.append([h["loss"] for h in _history(out)])
     assert runs[0] == runs[1]

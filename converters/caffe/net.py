@@ -202,6 +202,23 @@ def _legacy_shape(blob: caffe_pb2.BlobProto) -> bool:
     return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
+def call_layer(fn, args: Sequence[torch.Tensor], where: str) -> tuple[torch.Tensor, ...]:
+    """``fn(*args)`` as a tuple of tops; errors name the layer(s) ``where`` describes.
+
+    A :class:`CaffeConversionError` is raised again with ``where`` in front of its
+    message; PyTorch's own ``RuntimeError`` / ``ValueError`` keep their type and get a
+    note ``in Caffe <where>``.
+    """
+    try:
+        tops = fn(*args)
+    except CaffeConversionError as exc:
+        raise CaffeConversionError(f"{where}: {exc}") from None
+    except (RuntimeError, ValueError) as exc:
+        exc.add_note(f"in Caffe {where}")
+        raise
+    return (tops,) if isinstance(tops, torch.Tensor) else tuple(tops)
+
+
 class CaffeNet(nn.Module):
     """A Caffe net (prototxt + optional caffemodel) as one differentiable module.
 
@@ -573,15 +590,7 @@ class CaffeNet(nn.Module):
                     if t in inputs:
                         values[t] = torch.as_tensor(inputs[t])
                 continue
-            try:
-                tops = module(*[values[b] for b in spec.bottoms])
-            except CaffeConversionError as exc:
-                raise CaffeConversionError(f"layer {spec.name!r} ({spec.type}): {exc}") from None
-            except (RuntimeError, ValueError) as exc:
-                exc.add_note(f"in Caffe layer {spec.name!r} ({spec.type})")
-                raise
-            if isinstance(tops, torch.Tensor):
-                tops = (tops,)
+            tops = call_layer(module, [values[b] for b in spec.bottoms], f"layer {spec.name!r} ({spec.type})")
             for t, v in zip(spec.tops, tops):
                 values[t] = v
         return values if blobs is None else {b: values[b] for b in blobs}

@@ -75,7 +75,7 @@ from converters.caffe.layers import (
     Bias, BatchNorm, CaffeLayer, Concat, Convolution, DetectionOutput, Dropout, Flatten, Permute, Pooling, PriorBox,
     ReLU, Reshape, Scale, Split, caffe_pooled_size,
 )
-from converters.caffe.net import CaffeNet
+from converters.caffe.net import CaffeNet, call_layer
 from toolkit.models.box_coder import decode_boxes
 from toolkit.models.postprocess import DetectionOutputParams, detection_output, to_caffe_detection_blob
 from toolkit.models.priors import split_caffe_priorbox_blob
@@ -736,15 +736,7 @@ class OptimizedCaffeNet(nn.Module):
                     x = torch.as_tensor(inputs[name])
                     values[v] = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
             for step in self.steps:
-                try:
-                    tops = step(*[values[v] for v in step.inputs])
-                except CaffeConversionError as exc:
-                    raise CaffeConversionError(f"layer(s) {step.describe()!r}: {exc}") from None
-                except (RuntimeError, ValueError) as exc:
-                    exc.add_note(f"in Caffe layer(s) {step.describe()!r}")
-                    raise
-                if isinstance(tops, torch.Tensor):
-                    tops = (tops,)
+                tops = call_layer(step, [values[v] for v in step.inputs], f"layer(s) {step.describe()!r}")
                 for v, t in zip(step.outputs, tops):
                     values[v] = t
                 for v in step.release:
