@@ -248,14 +248,31 @@ def evaluate_detector(
             p["image_id"] = t["image_id"]
             predictions.append(p)
     model.train(was_training)
+    return evaluate_predictions(dataset, predictions, metric), predictions
+
+
+def evaluate_predictions(dataset, predictions: Sequence[dict], metric: str = "voc07"):
+    """AP of per-image predictions against ``dataset``'s ground truth: VOC AP (``metric``) for
+    VOC-style datasets (VOC, shapes, LMDB), COCO AP (pycocotools) for
+    :class:`~toolkit.data.coco.COCODetection`.
+
+    Args:
+        dataset: the dataset the predictions were made on (its ``classes`` have the
+            background first).
+        predictions: one dict per image: ``image_id``, ``boxes`` float ``(K, 4)`` xyxy in
+            continuous pixels of the original image, ``scores`` ``(K,)``, ``labels``
+            int64 ``(K,)`` in ``1..len(dataset.classes) - 1``.
+    Returns:
+        A :class:`~toolkit.evaluation.voc.VOCEvalResult` or
+        :class:`~toolkit.evaluation.coco.COCOEvalResult` (both have ``mAP`` and ``ap``).
+    """
     if hasattr(dataset, "coco"):
         from toolkit.evaluation.coco import evaluate_coco, predictions_to_coco
 
-        return evaluate_coco(dataset.coco, predictions_to_coco(predictions, dataset.label_to_cat_id)), predictions
+        return evaluate_coco(dataset.coco, predictions_to_coco(predictions, dataset.label_to_cat_id))
     classes = dataset.classes[1:]
-    result = evaluate_voc(ground_truth_from_voc(dataset), detections_from_predictions(predictions, classes),
-                          classes, metric)
-    return result, predictions
+    return evaluate_voc(ground_truth_from_voc(dataset), detections_from_predictions(predictions, classes),
+                        classes, metric)
 
 
 def pr_curves(result) -> dict:
@@ -266,27 +283,85 @@ def pr_curves(result) -> dict:
 
 
 # ---------------------------------------------------------------------- checkpoints
+CAFFE_DETECT_HINT = ("run it as a Caffe net instead: python -m converters.caffe detect {path} IMAGE... --out DIR, "
+                     "or python -m converters.caffe evaluate {path} --dataset NAME")
+
+
 def load_trained_model(path, device: torch.device | str = "cpu", model_name: Optional[str] = None,
                        classes: Optional[Sequence[str]] = None):
     """A detector from a ``toolkit.train`` checkpoint, or from a Caffe model converted by
     ``python -m converters.caffe convert`` (both loaded with ``weights_only=True``).
 
-    A converted checkpoint holds Caffe's blobs but neither the toolkit's model name
-    nor class names: give ``model_name`` (``dsod300``, ``ssd300``, ``grp_dsod320``)
-    and ``classes`` (with ``"background"`` first); the blobs load through the model's
-    rename table (:func:`toolkit.models.caffe_import.load_caffe_blobs`).
+    A converted checkpoint holds Caffe's blobs, not the toolkit's model name: its
+    layers load through a native model's rename table
+    (:func:`toolkit.models.caffe_import.load_caffe_blobs`), ``model_name`` or else the
+    preset whose rename table names exactly its layers (``dsod300``, ``ssd300``,
+    ``grp_dsod320``).  Its class names are ``classes`` (``"background"`` first), else
+    the ``"classes"`` that ``convert --labelmap`` stored.  A converted net that maps
+    onto no preset is refused with the ``converters.caffe`` command that runs it.
 
     Returns:
         ``(model in eval mode, classes (with "background" first), model name)``.
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a checkpoint of either kind, a converted checkpoint without
-            ``model_name`` / ``classes``, or blobs that do not fit (each layer named).
+        ValueError: not a checkpoint of either kind, a converted checkpoint that maps
+            onto no preset or has no class names, or blobs that do not fit (each layer named).
+    """
+    ckpt, model_name = read_checkpoint(path, model_name)
+    return model_from_checkpoint(ckpt, path, model_name, classes, device)
+
+
+def model_from_checkpoint(ckpt: dict, path, model_name: str, classes: Optional[Sequence[str]] = None,
+                          device: torch.device | str = "cpu"):
+    """:func:`load_trained_model` on a checkpoint already read by :func:`read_checkpoint`
+    (``path`` names it in messages)."""
+    from toolkit.models.build import build_model
+
+    if is_converted_checkpoint(ckpt):
+        from toolkit.models.caffe_import import CaffeWeightsError, converted_blobs, load_caffe_blobs
+
+        classes = classes if classes is not None else ckpt.get("classes")
+        if classes is None:
+            raise ValueError(f"{path}: a converted Caffe checkpoint without class names; give them (a labelmap), "
+                             "or convert with --labelmap")
+        classes = tuple(classes)
+        model = build_model(model_name, len(classes))
+        try:
+            load_caffe_blobs(model, model.caffe_names, converted_blobs(ckpt, str(path)))
+        except CaffeWeightsError as exc:
+            raise CaffeWeightsError(f"{path}: does not load into {model_name}: {exc}; "
+                                    + CAFFE_DETECT_HINT.format(path=path)) from None
+        return model.to(device).eval(), classes, model_name
+    classes = tuple(ckpt["classes"])
+    model = build_model(model_name, len(classes))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), classes, model_name
+
+
+def is_converted_checkpoint(checkpoint) -> bool:
+    """Whether a loaded checkpoint is one that ``python -m converters.caffe convert`` wrote."""
+    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
+
+    return isinstance(checkpoint, dict) and CONVERTED_BLOBS_KEY in checkpoint
+
+
+def read_checkpoint(path, model_name: Optional[str] = None) -> tuple[dict, str]:
+    """A ``toolkit.train`` or converted checkpoint (``weights_only=True``) and the model preset it is for.
+
+    For a ``toolkit.train`` checkpoint the preset is the one it records; for a converted one
+    ``model_name`` if given, else the preset whose rename table names exactly its Caffe
+    layers with weights (:func:`toolkit.models.build.presets_for_caffe_layers`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a checkpoint of either kind, an unknown ``model_name``, or a
+            converted net that maps onto no preset (the message says which
+            ``converters.caffe`` command runs it).
     """
     from pathlib import Path
 
-    from toolkit.models.build import MODELS, build_model
-    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY, converted_blobs, load_caffe_blobs
+    from toolkit.models.build import MODELS, presets_for_caffe_layers
+    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
 
     path = Path(path)
     if not path.is_file():
@@ -295,20 +370,20 @@ def load_trained_model(path, device: torch.device | str = "cpu", model_name: Opt
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(ckpt, dict) and CONVERTED_BLOBS_KEY in ckpt:
-        if model_name is None or classes is None:
-            raise ValueError(f"{path}: a converted Caffe checkpoint; give the model preset (one of "
-                             f"{sorted(MODELS)}) and the class names")
-        classes = tuple(classes)
-        model = build_model(model_name, len(classes))
-        load_caffe_blobs(model, model.caffe_names, converted_blobs(ckpt, str(path)))
-        return model.to(device).eval(), classes, model_name
+    if model_name is not None and model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
+    if is_converted_checkpoint(ckpt):
+        if model_name is None:
+            layers = [name for name, blobs in ckpt[CONVERTED_BLOBS_KEY].items() if len(blobs)]
+            presets = presets_for_caffe_layers(layers)
+            if not presets:
+                raise ValueError(f"{path}: a converted Caffe net whose layers map onto none of the native models "
+                                 f"({', '.join(sorted(MODELS))}); " + CAFFE_DETECT_HINT.format(path=path))
+            model_name = presets[0]
+        return ckpt, model_name
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a toolkit.train checkpoint")
     for key in ("model", "model_name", "classes"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a toolkit.train checkpoint (no {key!r})")
-    classes = tuple(ckpt["classes"])
-    model = build_model(ckpt["model_name"], len(classes))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), classes, ckpt["model_name"]
+    return ckpt, ckpt["model_name"]

@@ -59,7 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="a toolkit.train checkpoint to evaluate on --dataset")
     p.add_argument("--dataset", help="dataset name for --checkpoint (its test split)")
     p.add_argument("--model", help="with a --checkpoint converted from Caffe (python -m converters.caffe convert): "
-                                   "the toolkit model it loads into (dsod300, ssd300, grp_dsod320)")
+                                   "the toolkit model it loads into (default: the one whose Caffe layer names it "
+                                   "has: dsod300, ssd300 or grp_dsod320)")
     p.add_argument("--data-root", type=Path, help="data root for --dataset (default $TOOLKIT_DATA or ./data)")
     p.add_argument("--write-detections", type=Path,
                    help="with --checkpoint: also write VOC submission files into this folder")
@@ -106,26 +107,21 @@ def _run_checkpoint(args) -> dict:
 
     from toolkit.data import build_dataset
     from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
-    from toolkit.engine import evaluate_detector, load_trained_model
+    from toolkit.engine import evaluate_detector, is_converted_checkpoint, model_from_checkpoint, read_checkpoint
     from toolkit.evaluation.submission import detections_from_predictions, write_voc_submission
     from toolkit.models.build import INPUTS, default_postprocess
 
     if not args.dataset:
         raise SystemExit("error: --checkpoint needs --dataset")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model:
-        # A converted Caffe model: the preset fixes the input; the dataset names the classes.
-        if args.model not in INPUTS:
-            raise KeyError(f"unknown model {args.model!r}; choose from {sorted(INPUTS)}")
-        spec = INPUTS[args.model]
-        dataset = build_dataset(args.dataset, "test", root=args.data_root,
-                                transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
-        model, classes, name = load_trained_model(args.checkpoint, device, args.model, dataset.classes)
-    else:
-        model, classes, name = load_trained_model(args.checkpoint, device)
-        spec = INPUTS[name]
-        dataset = build_dataset(args.dataset, "test", root=args.data_root,
-                                transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
+    ckpt, name = read_checkpoint(args.checkpoint, args.model)
+    spec = INPUTS[name]
+    dataset = build_dataset(args.dataset, "test", root=args.data_root,
+                            transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
+    # A converted Caffe model is evaluated with the dataset's class names (its own, when convert stored them,
+    # must be the same: checked below).
+    classes = dataset.classes if is_converted_checkpoint(ckpt) and "classes" not in ckpt else None
+    model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name, classes, device)
     if tuple(dataset.classes) != classes:
         raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
                          f"{tuple(dataset.classes[1:])}")

@@ -2,14 +2,21 @@
 
 Commands::
 
-    convert NET.prototxt WEIGHTS.caffemodel -o OUT.pth
-    run     NET.prototxt [WEIGHTS] --input IN.npz --out OUT.npz [--blobs a,b] [--backward] [--phase TRAIN] [--fast]
-    verify  NET.prototxt [WEIGHTS] --reference REF.npz [--rtol R] [--atol A]
-    recipe  SOLVER.prototxt [TRAIN.prototxt] [-o OUT.json]
+    convert  NET.prototxt WEIGHTS.caffemodel -o OUT.pth [--train-prototxt T] [--labelmap L] [PREPROCESSING]
+    run      NET.prototxt [WEIGHTS] --input IN.npz --out OUT.npz [--blobs a,b] [--backward] [--phase TRAIN] [--fast]
+    verify   NET.prototxt [WEIGHTS] --reference REF.npz [--rtol R] [--atol A]
+    recipe   SOLVER.prototxt [TRAIN.prototxt] [-o OUT.json]
+    detect   NET.prototxt WEIGHTS IMAGE... --out DIR [--train-prototxt T] [--labelmap L] [PREPROCESSING]
+             [--score-threshold T] [--output TOP] [--fast]          (or: detect CHECKPOINT.pth IMAGE... --out DIR)
+    evaluate NET.prototxt WEIGHTS --dataset NAME [--json OUT.json] [...] (or: evaluate CHECKPOINT.pth --dataset NAME)
+
+PREPROCESSING: [--mean B,G,R] [--scale S] [--input-size WxH] [--interpolation linear|area|nearest|cubic|lanczos4]
+[--rgb]; see :mod:`converters.caffe.detect`.
 
 Every failure prints one line, ``error: ...`` naming the file (and the layer),
 and exits with status 2; ``verify`` exits with 1 when a blob differs.  The work
-is in :mod:`converters.caffe.cli` and :mod:`converters.caffe.recipe`.
+is in :mod:`converters.caffe.cli`, :mod:`converters.caffe.recipe` and
+:mod:`converters.caffe.detect`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Optional, Sequence
 from converters.caffe import cli
 from converters.caffe.errors import CaffeConversionError
 from toolkit.caffe import CaffeFormatError
+from toolkit.data.errors import DatasetError
 
 PROG = "python -m converters.caffe"
 
@@ -52,6 +60,33 @@ def _add_net(p: argparse.ArgumentParser, weights_optional: bool) -> None:
                         "run --backward on a net whose loss layers are TRAIN-only uses TRAIN)")
 
 
+def _add_preprocessing(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (Caffe's TEST transform; default: the train prototxt's "
+                             "transform_param, what the checkpoint stores, the Input layer, Caffe's defaults)")
+    g.add_argument("--train-prototxt", type=Path, metavar="TRAIN.prototxt",
+                   help="a train or test prototxt: its data layer's transform_param (mean_value, scale, "
+                        "resize_param) and label_map_file")
+    g.add_argument("--labelmap", type=Path, metavar="FILE", help="Caffe labelmap prototxt: the class names by label")
+    g.add_argument("--mean", metavar="B,G,R", help="per-channel mean subtracted, BGR order (or one value)")
+    g.add_argument("--scale", type=float, metavar="S", help="multiplier after the mean (DSOD: 0.017)")
+    g.add_argument("--input-size", metavar="WxH", help="the size images are warped to (default: the Input layer's)")
+    g.add_argument("--interpolation", type=str.lower, choices=("linear", "area", "nearest", "cubic", "lanczos4"),
+                   help="the warp's OpenCV interpolation (default LINEAR)")
+    g.add_argument("--rgb", action="store_true", help="feed RGB instead of Caffe's BGR (the mean stays B,G,R)")
+
+
+def _add_detector_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", metavar="TOP", help="the DetectionOutput top to read when the net has several")
+    p.add_argument("--fast", action="store_true", help="run the inference-optimized net (same rows up to float "
+                                                       "rounding)")
+
+
+def _flags(args):
+    from converters.caffe.detect import hints_from_flags
+
+    return hints_from_flags(args.mean, args.scale, args.input_size, args.interpolation, args.rgb)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The command-line parser (one sub-command per command)."""
     parser = _Parser(PROG, description="Caffe nets in PyTorch: convert a prototxt + caffemodel, run it on arrays, "
@@ -69,6 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT.pth", help="the checkpoint to write")
     p.add_argument("--strict", action="store_true",
                    help="caffemodel layers the net lacks are an error (default: ignored, as Caffe does)")
+    _add_preprocessing(p)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("run", help="one forward (and backward) pass on arrays from an .npz",
@@ -117,6 +153,50 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, metavar="OUT.json",
                    help="the preset to write (default: <solver stem>.recipe.json beside the solver)")
     p.set_defaults(func=_recipe)
+
+    p = sub.add_parser("detect", help="run a converted SSD-style detector on images: drawings + detections.json",
+                       usage=f"{PROG} detect NET.prototxt WEIGHTS IMAGE... --out DIR [options]\n"
+                             f"       {PROG} detect CHECKPOINT.pth IMAGE... --out DIR [options]",
+                       description="Preprocess each image as Caffe's TEST transform does (warp to the net's input "
+                                   "size, BGR, minus the mean, times the scale), run the net and read its "
+                                   "DetectionOutput top. Writes DIR/<image stem>.png with the boxes drawn and "
+                                   "DIR/detections.json: [{image, width, height, detections: [{label, name, score, "
+                                   "box_xyxy}]}], boxes in pixels of the original image, in DetectionOutput's row "
+                                   "order. WEIGHTS is a .caffemodel or a 'convert' checkpoint; a checkpoint alone "
+                                   "holds the net definition (and, when converted with --train-prototxt / "
+                                   "--labelmap, the preprocessing and class names).")
+    p.add_argument("paths", nargs="+", type=Path, metavar="NET WEIGHTS IMAGE",
+                   help="NET.prototxt WEIGHTS IMAGE..., or CHECKPOINT.pth IMAGE...")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    _add_preprocessing(p)
+    p.add_argument("--score-threshold", type=float, default=0.0, metavar="T",
+                   help="keep detections with score >= T (default 0: every row DetectionOutput gives, after its "
+                        "own confidence_threshold)")
+    p.add_argument("--draw-threshold", type=float, metavar="T",
+                   help="draw detections with score >= T (default: the larger of --score-threshold and 0.3)")
+    _add_detector_options(p)
+    p.set_defaults(func=_detect)
+
+    p = sub.add_parser("evaluate", help="VOC / COCO AP of a converted SSD-style detector on a dataset",
+                       usage=f"{PROG} evaluate NET.prototxt WEIGHTS --dataset NAME [options]\n"
+                             f"       {PROG} evaluate CHECKPOINT.pth --dataset NAME [options]",
+                       description="Run the net over a dataset's split with its preprocessing and score the "
+                                   "detections with toolkit.evaluation (VOC07 / VOC12 AP; COCO AP for COCO). The "
+                                   "net's classes (--labelmap, the train prototxt's label_map_file or the "
+                                   "checkpoint's) are matched to the dataset's by name.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="NET WEIGHTS", help="NET.prototxt WEIGHTS, or CHECKPOINT.pth")
+    p.add_argument("--dataset", required=True,
+                   help="a dataset name toolkit.train accepts: voc07, voc0712, coco, shapes, lmdb:PATH[,...] ...")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
+    p.add_argument("--data-root", type=Path, help="data root (default $TOOLKIT_DATA or ./data)")
+    _add_preprocessing(p)
+    p.add_argument("--metric", choices=("voc07", "voc12"), default="voc07", help="VOC metric (default voc07)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes (default 2)")
+    _add_detector_options(p)
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="write metric, mAP and per-class AP here")
+    p.add_argument("--plot", type=Path, metavar="PR.png", help="write precision-recall curves here")
+    p.set_defaults(func=_evaluate)
     return parser
 
 
@@ -130,7 +210,12 @@ def _shapes(shapes) -> str:
 
 
 def _convert(args) -> int:
-    r = cli.convert(args.net, args.weights, args.out, phase=args.phase or "TEST", strict=args.strict)
+    from converters.caffe.detect import CLASSES_KEY, PREPROCESSING_KEY, convert_metadata, describe_hints
+
+    extra, notes = convert_metadata(cli.read_definition(args.net), str(args.net), flags=_flags(args),
+                                    train_prototxt=args.train_prototxt, labelmap=args.labelmap)
+    _warn(notes)
+    r = cli.convert(args.net, args.weights, args.out, phase=args.phase or "TEST", strict=args.strict, extra=extra)
     _warn(r.warnings)
     net = r.net
     size = f"{r.size_bytes / 2**20:.1f} MiB" if r.size_bytes >= 2**20 else f"{r.size_bytes / 2**10:.1f} KiB"
@@ -140,6 +225,71 @@ def _convert(args) -> int:
           f"{r.n_values:,} parameter values in {r.n_blobs} blobs")
     print(f"  inputs:  {_shapes(net.input_shapes)}")
     print(f"  outputs: {', '.join(net.outputs) or '-'}")
+    if PREPROCESSING_KEY in extra:
+        stored = {k: (v["value"], v["source"]) for k, v in extra[PREPROCESSING_KEY].items()}
+        print(f"  stored preprocessing: {describe_hints(stored)}")
+    if CLASSES_KEY in extra:
+        print(f"  stored class names: {', '.join(extra[CLASSES_KEY])}")
+    return 0
+
+
+def _loaded(args, paths):
+    from converters.caffe.detect import load_detector
+
+    net, weights = paths
+    loaded = load_detector(net, weights, flags=_flags(args), train_prototxt=args.train_prototxt,
+                           labelmap=args.labelmap, output=args.output, fast=args.fast)
+    _warn(loaded.notes)
+    d = loaded.detector
+    print(f"{loaded.source}: DetectionOutput {d.layer.name!r} -> {d.layer.top!r}, {d.num_classes} classes "
+          f"(input {d.input_name!r}{', optimized' if d.fast else ''})")
+    print(f"  preprocessing: {loaded.preprocessing.describe()}")
+    print(f"  class names ({loaded.classes.source}): {', '.join(loaded.classes.names)}")
+    return loaded
+
+
+def _detect(args) -> int:
+    from converters.caffe.detect import detect_images, split_net_arguments
+
+    net, weights, images = split_net_arguments(args.paths)
+    if not images:
+        raise CaffeConversionError("give at least one IMAGE after the net")
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:  # before the net is loaded
+        raise CaffeConversionError(f"image(s) not found: {', '.join(missing)}")
+    loaded = _loaded(args, (net, weights))
+    r = detect_images(loaded, images, args.out, score_threshold=args.score_threshold,
+                      draw_threshold=args.draw_threshold, progress=sys.stderr.isatty())
+    print(f"wrote {len(r.drawings)} drawing(s) and {r.json_path}")
+    if r.unreadable:
+        raise CaffeConversionError(f"{len(r.unreadable)} image(s) could not be read, left out of "
+                                   f"{r.json_path}: {'; '.join(r.unreadable)}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from converters.caffe.detect import evaluate_dataset, split_net_arguments
+    from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
+
+    net, weights, rest = split_net_arguments(args.paths)
+    if rest:
+        raise CaffeConversionError(f"evaluate takes NET WEIGHTS or a checkpoint; unexpected {[str(p) for p in rest]}")
+    loaded = _loaded(args, (net, weights))
+    r = evaluate_dataset(loaded, args.dataset, split=args.split, data_root=args.data_root, metric=args.metric,
+                         batch_size=args.batch_size, workers=args.workers, progress=sys.stderr.isatty())
+    _warn(r.notes)
+    metric = "coco" if hasattr(r.dataset, "coco") else args.metric
+    title = f"{loaded.source} on {args.dataset} ({args.split} split, {len(r.dataset)} images), metric {metric}"
+    print(format_table(r.result.ap, r.result.mAP, title))
+    if args.plot:
+        from toolkit.engine import pr_curves
+
+        plot_pr_curves(pr_curves(r.result), args.plot, f"{args.dataset}: mAP {100 * r.result.mAP:.2f}")
+        print(f"wrote {args.plot}")
+    if args.json:
+        write_json({**r.result.to_json(), "dataset": args.dataset, "split": args.split,
+                    "preprocessing": loaded.preprocessing.describe()}, args.json)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -198,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except (CaffeConversionError, CaffeFormatError) as exc:
+    except (CaffeConversionError, CaffeFormatError, DatasetError) as exc:
         if args.debug:
             raise
         print(f"error: {cli.one_line(str(exc))}", file=sys.stderr)

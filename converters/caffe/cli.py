@@ -159,7 +159,8 @@ def net_input_names(net: caffe_pb2.NetParameter, phase: str = "TEST") -> list[st
             for top in layer.top]
 
 
-def _is_zip(path: Path) -> bool:
+def is_zip_file(path: PathLike) -> bool:
+    """Whether ``path`` starts like a zip archive (what ``torch.save`` writes; a caffemodel never does)."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == _ZIP_MAGIC
@@ -167,7 +168,13 @@ def _is_zip(path: Path) -> bool:
         return False  # CaffemodelLayers reports it
 
 
-def _checkpoint_state_dict(path: Path) -> dict:
+def read_converted_checkpoint(path: PathLike) -> dict:
+    """A checkpoint written by :func:`convert` (``torch.load(weights_only=True)``).
+
+    Raises:
+        CaffeConversionError: unreadable, or a PyTorch file of another kind.
+    """
+    path = Path(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -178,7 +185,7 @@ def _checkpoint_state_dict(path: Path) -> dict:
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CaffeConversionError(f"{path}: a PyTorch file, but not a checkpoint written by "
                                    "'python -m converters.caffe convert'")
-    return checkpoint["state_dict"]
+    return checkpoint
 
 
 def _load_state(net: CaffeNet, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
@@ -205,6 +212,7 @@ def load_net(
     input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
     strict: bool = False,
     definition: Optional[caffe_pb2.NetParameter] = None,
+    checkpoint: Optional[Mapping] = None,
 ) -> CaffeNet:
     """A :class:`CaffeNet` from a prototxt and optional weights.
 
@@ -218,16 +226,19 @@ def load_net(
             by default it is ignored, as Caffe's ``CopyTrainedLayersFrom`` does,
             and listed in the net's ``ignored_weights``.
         definition: the already parsed prototxt (read from ``prototxt`` when None).
+        checkpoint: ``weights`` already read by :func:`read_converted_checkpoint`.
     Raises:
         CaffeConversionError: naming the files (and the layers at fault).
     """
     net_param = definition if definition is not None else read_definition(prototxt)
     files = str(prototxt) + (f" + {weights}" if weights is not None else "")
     weights_param, state_dict = None, None
-    if weights is not None:
+    if checkpoint is not None:
+        state_dict = checkpoint["state_dict"]
+    elif weights is not None:
         weights = Path(weights)
-        if _is_zip(weights):
-            state_dict = _checkpoint_state_dict(weights)
+        if is_zip_file(weights):
+            state_dict = read_converted_checkpoint(weights)["state_dict"]
         else:
             try:
                 weights_param = CaffemodelLayers(weights)  # decoded layer by layer: big files fit
@@ -299,7 +310,7 @@ class ConvertResult:
 
 
 def convert(prototxt: PathLike, weights: PathLike, out: PathLike, *, phase: str = "TEST",
-            strict: bool = False) -> ConvertResult:
+            strict: bool = False, extra: Optional[Mapping] = None) -> ConvertResult:
     """Convert a prototxt + caffemodel into a PyTorch checkpoint at ``out`` (written atomically).
 
     The file is :meth:`CaffeNet.checkpoint` (prototxt text, net state, input
@@ -310,7 +321,9 @@ def convert(prototxt: PathLike, weights: PathLike, out: PathLike, *, phase: str 
       the same tensors as the state dict (stored once), for
       ``toolkit.models.caffe_import.load_caffe_blobs`` and other readers that
       match Caffe layer names;
-    * ``"source"``: the paths converted from.
+    * ``"source"``: the paths converted from;
+    * ``extra``: further entries (``detect``'s ``"preprocessing"`` and ``"classes"``,
+      :func:`converters.caffe.detect.convert_metadata`).
 
     Raises:
         CaffeConversionError: see :func:`load_net`; ``out`` not writable.
@@ -319,6 +332,7 @@ def convert(prototxt: PathLike, weights: PathLike, out: PathLike, *, phase: str 
     checkpoint = net.checkpoint()
     checkpoint["caffe_blobs"] = caffe_blobs(net)
     checkpoint["source"] = {"prototxt": str(prototxt), "caffemodel": str(weights)}
+    checkpoint.update(extra or {})
     size = atomic_write(out, lambda f: torch.save(checkpoint, f))
     n_values, n_blobs = _count_values(t for blobs in checkpoint["caffe_blobs"].values() for t in blobs)
     return ConvertResult(net, Path(out), size, len(net.layer_specs), len(checkpoint["caffe_blobs"]), n_values,

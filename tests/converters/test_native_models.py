@@ -106,10 +106,16 @@ def test_evaluate_and_predict_a_converted_caffe_model(tmp_path, capsys):
                           "--data-root", str(tmp_path / "data"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"metric", "mAP", "ap"} and 0.0 <= result["mAP"] <= 1.0
-    # Without --model the file is refused with a message saying what to add.
+    # Without --model the preset is the one whose Caffe layer names the checkpoint has: the same figures.
+    again = tmp_path / "map_auto.json"
     assert evaluate_main(["--checkpoint", str(converted), "--dataset", "voc12val",
+                          "--data-root", str(tmp_path / "data"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text()) == result
+    # A model the layers do not fit is refused naming them, and the converters.caffe command is suggested.
+    assert evaluate_main(["--checkpoint", str(converted), "--model", "ssd300", "--dataset", "voc12val",
                           "--data-root", str(tmp_path / "data")]) == 2
-    assert "converted Caffe checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not load into ssd300" in err and "python -m converters.caffe evaluate" in err
     image = voc / "JPEGImages" / f"{ids[0]}.jpg"
     assert predict_main(["--checkpoint", str(converted), "--model", "dsod300", str(image),
                          "--out", str(tmp_path / "pred")]) == 0

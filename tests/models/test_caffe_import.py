@@ -113,3 +113,15 @@ def test_dsod300_from_a_converted_checkpoint_computes_what_caffe_computed(tmp_pa
     n = out["loc"].shape[0]
     np.testing.assert_allclose(out["loc"].reshape(n, -1).numpy(), ref["mbox_loc"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["conf"].reshape(n, -1).numpy(), ref["mbox_conf"], rtol=1e-4, atol=1e-5)
+
+
+def test_each_preset_is_recognised_by_its_caffe_layer_names():
+    from toolkit.models.build import MODELS, build_model, presets_for_caffe_layers
+
+    for name in MODELS:
+        with torch.device("meta"):
+            model = build_model(name, 3)
+        layers = [n for names in model.caffe_names.values() for n in names]
+        assert presets_for_caffe_layers(layers) == [name]
+        assert presets_for_caffe_layers(layers[:-1]) == []  # a layer short: no preset
+        assert presets_for_caffe_layers(layers + ["extra_conv"]) == []

@@ -167,3 +167,22 @@ def build_model(name: str, num_classes: int) -> SSDDetector:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name](num_classes)
+
+
+def presets_for_caffe_layers(layers_with_blobs) -> list[str]:
+    """The presets whose Caffe rename table names exactly ``layers_with_blobs`` (the Caffe layers
+    that hold weights, e.g. the keys of a converted checkpoint's ``caffe_blobs``).
+
+    Only names are compared (the models are built on the meta device, nothing is
+    allocated); whether the shapes fit is for the loader to check.
+    """
+    import torch
+
+    wanted = set(layers_with_blobs)
+    found = []
+    for name in MODELS:
+        with torch.device("meta"):
+            model = build_model(name, 2)
+        if {n for names in model.caffe_names.values() for n in names} == wanted:
+            found.append(name)
+    return found
