@@ -10,9 +10,14 @@ PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 TORCH_PINS := $(shell grep -E '^(torch|torchvision)==' $(CONSTRAINTS))
-# Compile CUDA kernels even without a GPU to detect (see toolkit/ops).
-export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# The compiled ops (toolkit/ops/csrc) are built by the install, against the torch
+# installed first: hence --no-build-isolation (an isolated build would fetch
+# another torch) and setuptools + ninja installed beforehand.  CUDA kernels are
+# built when a GPU is visible, or with FORCE_CUDA=1 (.ci/run sets it, with
+# TORCH_CUDA_ARCH_LIST, so that CI compiles them on machines without a GPU).
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+OPS_SOURCES := setup.py $(wildcard toolkit/ops/csrc/*.h toolkit/ops/csrc/*.cpp toolkit/ops/csrc/*/*.cpp toolkit/ops/csrc/*/*.cu)
+BUILD_PINS := $(shell grep -E '^(setuptools|ninja)==' $(CONSTRAINTS))
 
 .PHONY: setup run test bench clean-venv
 
@@ -20,10 +25,12 @@ setup: $(STAMP)
 
 # torch first (its CUDA build also runs on the CPU), then the rest against the
 # constraints file so that no dependency can pull in another torch.
-$(STAMP): $(CONSTRAINTS) setup.cfg pyproject.toml
+$(STAMP): $(CONSTRAINTS) setup.cfg pyproject.toml $(OPS_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[all]'
+	$(PIP) install -q $(BUILD_PINS)
+	$(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[all]'
+	$(PY) -c "import toolkit.ops as o; print('toolkit.ops kernels:', 'CPU' + (' + CUDA' if o.has_cuda_kernels() else '') if o.has_ops() else 'not built (' + str(o.load_error()) + ')')"
 	touch $@
 
 run: setup
@@ -34,6 +41,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	$(PY) bench/bench_ms_deform_attn.py
 	$(PY) bench/bench_data_pipeline.py
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_train.py
