@@ -71,7 +71,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {args.threads} threads"
     print(f"ms_deform_attn forward + backward, float32, on {where}")
     print(f"torch {torch.__version__}; levels {' '.join(f'{h}x{w}' for h, w in LEVELS)}, 8 heads x 32 channels, "
-          "4 points; best of warm-up discarded, then rounds of kernel and reference back to back")
+          "4 points; after a warm-up, rounds of kernel and reference back to back")
 
     def kernel(value, shapes, starts, loc, weights):
         return torch.ops.legacy_det.ms_deform_attn(value, shapes, starts, loc, weights, 64)

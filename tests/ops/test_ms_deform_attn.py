@@ -113,12 +113,34 @@ def test_kernels_are_built_by_the_install():
         assert ops.has_cuda_kernels()
 
 
-def _compare(args, rtol, atol, im2col_step=64, gradients=True):
+class _CudaEmulated(torch.autograd.Function):
+    """The CUDA kernels' per-thread code run serially on the CPU (``legacy_det_testing``), as an autograd op."""
+
+    @staticmethod
+    def forward(ctx, value, shapes, starts, loc, weights, im2col_step):
+        ctx.save_for_backward(value, shapes, starts, loc, weights)
+        ctx.im2col_step = im2col_step
+        return torch.ops.legacy_det_testing.ms_deform_attn_cuda_emulated(value, shapes, starts, loc, weights,
+                                                                         im2col_step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, shapes, starts, loc, weights = ctx.saved_tensors
+        g_value, g_loc, g_weights = torch.ops.legacy_det_testing.ms_deform_attn_backward_cuda_emulated(
+            grad, value, shapes, starts, loc, weights, ctx.im2col_step)
+        return g_value, None, None, g_loc, g_weights, None
+
+
+def _kernel(value, shapes, starts, loc, weights, im2col_step):
+    return torch.ops.legacy_det.ms_deform_attn(value, shapes, starts, loc, weights, im2col_step)
+
+
+def _compare(args, rtol, atol, im2col_step=64, gradients=True, op=_kernel):
     value, shapes, starts, loc, weights = [a.clone() for a in args]
     inputs = [value, loc, weights]
     for t in inputs:
         t.requires_grad_(True)
-    out = torch.ops.legacy_det.ms_deform_attn(value, shapes, starts, loc, weights, im2col_step)
+    out = op(value, shapes, starts, loc, weights, im2col_step)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     ref = ms_deform_attn_reference(ref_inputs[0], shapes, starts, ref_inputs[1], ref_inputs[2])
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
@@ -146,6 +168,18 @@ def test_cpu_kernel_equals_the_reference(case, dtype):
 def test_cpu_kernel_on_the_border(dtype):
     _compare(border_inputs(dtype), *TOLERANCE[dtype], gradients=False)
     _compare(border_inputs(dtype, kinks=False), *TOLERANCE[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_kernel_code_run_on_the_cpu_equals_the_reference(case, dtype):
+    """What each CUDA thread computes (ms_deform_attn_kernels.h), every thread index of every im2col launch in
+    turn; outputs start as NaN, so an index the decomposition misses fails."""
+    _compare(make_inputs(**CASES[case], dtype=dtype), *TOLERANCE[dtype], op=_CudaEmulated.apply)
+    _compare(make_inputs(**CASES[case], n=5, dtype=dtype), *TOLERANCE[dtype], im2col_step=2,
+             op=_CudaEmulated.apply)
+    _compare(border_inputs(dtype, kinks=False), *TOLERANCE[dtype], op=_CudaEmulated.apply)
 
 
 @needs_kernels

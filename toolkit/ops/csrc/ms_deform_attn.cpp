@@ -22,3 +22,15 @@ TORCH_LIBRARY(legacy_det, m) {
       "Tensor value_level_start_index, Tensor sampling_locations, Tensor attention_weights, int im2col_step) "
       "-> (Tensor, Tensor, Tensor)");
 }
+
+// Test-only: the CUDA kernels' per-thread code (ms_deform_attn_kernels.h) run serially on the CPU, thread
+// index by thread index and launch by launch, so that machines without a GPU test the CUDA indexing.
+TORCH_LIBRARY(legacy_det_testing, m) {
+  m.def(
+      "ms_deform_attn_cuda_emulated(Tensor value, Tensor value_spatial_shapes, Tensor value_level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, int im2col_step) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward_cuda_emulated(Tensor grad_output, Tensor value, Tensor value_spatial_shapes, "
+      "Tensor value_level_start_index, Tensor sampling_locations, Tensor attention_weights, int im2col_step) "
+      "-> (Tensor, Tensor, Tensor)");
+}
