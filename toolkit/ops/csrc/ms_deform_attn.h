@@ -1,7 +1,9 @@
-// Multi-scale deformable attention: argument checks shared by the CPU and CUDA kernels.
+// Multi-scale deformable attention: argument checks and kernel arguments shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "ms_deform_attn_kernels.h"
 
 namespace legacy_det {
 
@@ -31,6 +33,22 @@ inline void check_ms_deform_attn_args(const at::Tensor& value, const at::Tensor&
               "ms_deform_attn: value, sampling_locations and attention_weights must share a dtype, got ",
               value.scalar_type(), ", ", sampling_loc.scalar_type(), ", ", attn_weight.scalar_type());
   TORCH_CHECK(im2col_step > 0, "ms_deform_attn: im2col_step must be positive, got ", im2col_step);
+}
+
+// Sizes and data pointers of contiguous arguments (the gradients and output left null).
+template <typename scalar_t>
+LaunchArgs<scalar_t> launch_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                 const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
+                                 const at::Tensor& attn_weight) {
+  LaunchArgs<scalar_t> a{};
+  a.batch = value.size(0), a.S = value.size(1), a.M = value.size(2), a.D = value.size(3);
+  a.L = spatial_shapes.size(0), a.Lq = sampling_loc.size(1), a.P = sampling_loc.size(4);
+  a.shapes = spatial_shapes.data_ptr<int64_t>();
+  a.starts = level_start_index.data_ptr<int64_t>();
+  a.value = value.data_ptr<scalar_t>();
+  a.loc = sampling_loc.data_ptr<scalar_t>();
+  a.attn = attn_weight.data_ptr<scalar_t>();
+  return a;
 }
 
 }  // namespace legacy_det

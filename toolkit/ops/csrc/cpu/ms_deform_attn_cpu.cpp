@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include "../ms_deform_attn.h"
-#include "../ms_deform_attn_sampling.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LEGACY_DET_X86_AVX2 1
@@ -38,21 +37,9 @@ struct PlainAdd {
   }
 };
 
-// Sizes and pointers of one call; grad_* are null in the forward.
+// Kernel arguments: LaunchArgs (../ms_deform_attn_kernels.h) of the whole call, batch = N.
 template <typename scalar_t>
-struct Args {
-  int64_t N, S, M, D, L, Lq, P;
-  const int64_t* shapes;  // (L, 2): H, W
-  const int64_t* starts;  // (L,)
-  const scalar_t* value;
-  const scalar_t* loc;
-  const scalar_t* attn;
-  scalar_t* out;               // forward: (N, Lq, M, D)
-  const scalar_t* grad_out;    // backward: (N, Lq, M, D)
-  scalar_t* grad_value;        // (N, S, M, D), zero-filled
-  scalar_t* grad_loc;          // (N, Lq, M, L, P, 2)
-  scalar_t* grad_attn;         // (N, Lq, M, L, P)
-};
+using Args = LaunchArgs<scalar_t>;
 
 // Rows (n, q) in [begin, end): out[n, q, m, :] = sum over levels and points of attn * sample.
 // kD > 0: D known at compile time (the row is accumulated in a local array the compiler keeps in registers).
@@ -197,25 +184,14 @@ Inputs prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const 
   return in;
 }
 
-template <typename scalar_t>
-Args<scalar_t> make_args(const Inputs& in) {
-  Args<scalar_t> a{};
-  a.N = in.N, a.S = in.S, a.M = in.M, a.D = in.D, a.L = in.L, a.Lq = in.Lq, a.P = in.P;
-  a.shapes = in.spatial_shapes.data_ptr<int64_t>();
-  a.starts = in.level_start_index.data_ptr<int64_t>();
-  a.value = in.value.data_ptr<scalar_t>();
-  a.loc = in.sampling_loc.data_ptr<scalar_t>();
-  a.attn = in.attn_weight.data_ptr<scalar_t>();
-  return a;
-}
-
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
                               const at::Tensor& attn_weight, int64_t im2col_step) {
   const Inputs in = prepare(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step);
   at::Tensor output = at::zeros({in.N, in.Lq, in.M, in.D}, in.value.options());
   AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    Args<scalar_t> a = make_args<scalar_t>(in);
+    Args<scalar_t> a = launch_args<scalar_t>(in.value, in.spatial_shapes, in.level_start_index, in.sampling_loc,
+                                              in.attn_weight);
     a.out = output.data_ptr<scalar_t>();
     // A query costs M * L * P samples of D channels: at least 16 queries make a task.
     at::parallel_for(0, in.N * in.Lq, 16, [&](int64_t begin, int64_t end) { run_forward(a, begin, end); });
@@ -236,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_loc = at::empty_like(in.sampling_loc);  // every entry is written
   at::Tensor grad_attn = at::empty_like(in.attn_weight);
   AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    Args<scalar_t> a = make_args<scalar_t>(in);
+    Args<scalar_t> a = launch_args<scalar_t>(in.value, in.spatial_shapes, in.level_start_index, in.sampling_loc,
+                                              in.attn_weight);
     a.grad_out = grad.data_ptr<scalar_t>();
     a.grad_value = grad_value.data_ptr<scalar_t>();
     a.grad_loc = grad_loc.data_ptr<scalar_t>();

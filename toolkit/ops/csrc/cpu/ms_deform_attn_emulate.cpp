@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include "../ms_deform_attn.h"
-#include "../ms_deform_attn_kernels.h"
 
 namespace legacy_det {
 namespace {
@@ -23,20 +22,6 @@ struct SerialAdd {
     *target += amount;
   }
 };
-
-template <typename scalar_t>
-LaunchArgs<scalar_t> launch_args(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
-                                 const at::Tensor& loc, const at::Tensor& attn) {
-  LaunchArgs<scalar_t> a{};
-  a.batch = value.size(0), a.S = value.size(1), a.M = value.size(2), a.D = value.size(3);
-  a.L = shapes.size(0), a.Lq = loc.size(1), a.P = loc.size(4);
-  a.shapes = shapes.data_ptr<int64_t>();
-  a.starts = starts.data_ptr<int64_t>();
-  a.value = value.data_ptr<scalar_t>();
-  a.loc = loc.data_ptr<scalar_t>();
-  a.attn = attn.data_ptr<scalar_t>();
-  return a;
-}
 
 at::Tensor forward_emulated(const at::Tensor& value_in, const at::Tensor& shapes_in, const at::Tensor& starts_in,
                             const at::Tensor& loc_in, const at::Tensor& attn_in, int64_t im2col_step) {

@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include "../ms_deform_attn.h"
-#include "../ms_deform_attn_kernels.h"
 
 namespace legacy_det {
 namespace {
@@ -73,19 +72,6 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
           sampling_loc.contiguous(), attn_weight.contiguous()};
 }
 
-template <typename scalar_t>
-LaunchArgs<scalar_t> launch_args(const Prepared& in) {
-  LaunchArgs<scalar_t> a{};
-  a.batch = in.value.size(0), a.S = in.value.size(1), a.M = in.value.size(2), a.D = in.value.size(3);
-  a.L = in.shapes.size(0), a.Lq = in.loc.size(1), a.P = in.loc.size(4);
-  a.shapes = in.shapes.data_ptr<int64_t>();
-  a.starts = in.starts.data_ptr<int64_t>();
-  a.value = in.value.data_ptr<scalar_t>();
-  a.loc = in.loc.data_ptr<scalar_t>();
-  a.attn = in.attn.data_ptr<scalar_t>();
-  return a;
-}
-
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
                                const at::Tensor& attn_weight, int64_t im2col_step) {
@@ -96,7 +82,7 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   if (output.numel() == 0) return output.view({N, Lq, M * D});
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_cuda", [&] {
-    LaunchArgs<scalar_t> all = launch_args<scalar_t>(in);
+    LaunchArgs<scalar_t> all = launch_args<scalar_t>(in.value, in.shapes, in.starts, in.loc, in.attn);
     all.out = output.data_ptr<scalar_t>();
     for_each_launch(all, N, im2col_step, [&](const LaunchArgs<scalar_t>& a) {
       forward_kernel<scalar_t><<<blocks_for(a.batch * Lq * M * D), kThreads, 0, stream>>>(a);
@@ -124,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   if (grad_attn.numel() == 0) return {grad_value, grad_loc, grad_attn};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
-    LaunchArgs<scalar_t> all = launch_args<scalar_t>(in);
+    LaunchArgs<scalar_t> all = launch_args<scalar_t>(in.value, in.shapes, in.starts, in.loc, in.attn);
     all.grad_out = grad.data_ptr<scalar_t>();
     all.grad_value = grad_value.data_ptr<scalar_t>();
     all.grad_loc = grad_loc.data_ptr<scalar_t>();
