@@ -1,0 +1,146 @@
+"""Official Deformable DETR checkpoints -> toolkit models and checkpoints.
+
+An official checkpoint (fundamentalvision/Deformable-DETR's ``main.py`` saves
+``{"model": state_dict, "args": argparse.Namespace, "epoch", ...}``) is read with
+``weights_only=True``: ``argparse.Namespace`` is the only class allowed besides
+tensors and plain types, so no arbitrary object is unpickled.  The architecture
+comes from ``args`` (the number of classes from the class head), the state dict
+loads by name (the toolkit's modules carry the official names), and every key
+is accounted for: missing, unexpected or misshapen keys are one error naming them.
+
+A toolkit checkpoint (:func:`write_toolkit_checkpoint`) is plain types and
+tensors: ``{"format", "model_name", "config", "model", "classes", "source"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from toolkit.models.detr import DeformableDETR, DeformableDETRConfig, build_deformable_detr
+
+PathLike = str | os.PathLike
+TOOLKIT_FORMAT = "legacy-det/detr/1"
+
+
+class DETRConversionError(ValueError):
+    """An official checkpoint that cannot be read or mapped; the message names the file and the keys."""
+
+
+def _load(path: PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise DETRConversionError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise DETRConversionError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file "
+                                      "is not one)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # The unpickler's message says which class it refused ("Unsupported global: GLOBAL module.Class").
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line or "Unpickler error" in line),
+                      lines[0] if lines else type(exc).__name__)
+        raise DETRConversionError(f"{path}: does not load with weights_only=True (only tensors, plain types and "
+                                  f"argparse.Namespace are allowed): {reason}") from None
+
+
+def _shown(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
+    """The architecture of an official checkpoint: its ``args``, the class count of its class head.
+
+    Raises:
+        DETRConversionError: no ``args`` / ``model``, a Sparse DETR or ThumbDet checkpoint (not supported
+            yet), or arguments the toolkit does not build.
+    """
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
+        raise DETRConversionError(f"{source}: not an official DETR checkpoint (no 'model' state dict)")
+    args = checkpoint.get("args")
+    if args is None:
+        raise DETRConversionError(f"{source}: no 'args': the architecture cannot be known (official checkpoints "
+                                  "save main.py's arguments)")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if "rho" in args or "eff_query_init" in args:
+        raise DETRConversionError(f"{source}: a Sparse DETR checkpoint (rho={args.get('rho')}); only Deformable DETR "
+                                  "checkpoints are converted so far")
+    if "use_kd_loss" in args or "down_sample_epoch" in args:
+        raise DETRConversionError(f"{source}: a ThumbDet checkpoint; only Deformable DETR checkpoints are converted "
+                                  "so far")
+    state = checkpoint["model"]
+    head = state.get("class_embed.0.weight", state.get("class_embed.weight"))
+    if head is None:
+        raise DETRConversionError(f"{source}: no class head ('class_embed.0.weight') in the state dict")
+    try:
+        return DeformableDETRConfig.from_official_args(args, int(head.shape[0]))
+    except (TypeError, ValueError) as exc:
+        raise DETRConversionError(f"{source}: {exc}") from None
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, every key accounted for.
+
+    Raises:
+        DETRConversionError: naming missing, unexpected and misshapen keys.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(keys)} {what}: {_shown(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen)) if keys]
+    if problems:
+        raise DETRConversionError(f"{source}: the state dict does not fit the model its args describe: "
+                                  + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def model_from_checkpoint(path: PathLike) -> tuple[DeformableDETR, DeformableDETRConfig, dict]:
+    """A model (eval mode, float32) from an official checkpoint or a toolkit one.
+
+    Returns:
+        ``(model, config, the checkpoint dict)``.
+    Raises:
+        DETRConversionError: see :func:`official_config` and :func:`load_state`.
+    """
+    checkpoint = _load(path)
+    source = str(path)
+    if isinstance(checkpoint, Mapping) and checkpoint.get("format") == TOOLKIT_FORMAT:
+        try:
+            cfg = DeformableDETRConfig(**checkpoint["config"])
+        except TypeError as exc:
+            raise DETRConversionError(f"{source}: a toolkit checkpoint with an unknown config ({exc})") from None
+    else:
+        cfg = official_config(checkpoint, source)
+    model = build_deformable_detr(cfg, train_backbone=False)
+    load_state(model, checkpoint["model"], source)
+    return model.eval(), cfg, checkpoint
+
+
+def write_toolkit_checkpoint(model: DeformableDETR, cfg: DeformableDETRConfig, out: PathLike, source: str,
+                             classes: Optional[list[str]] = None) -> int:
+    """Write a toolkit checkpoint atomically (temporary file, then rename); returns its size in bytes."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    payload = {"format": TOOLKIT_FORMAT, "model_name": "deformable_detr", "config": asdict(cfg),
+               "model": model.state_dict(), "classes": classes, "source": source}
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DETRConversionError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out.stat().st_size

@@ -1,0 +1,76 @@
+"""``python -m converters.detr convert | run`` on the official fixtures' checkpoints, and their errors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import PurePosixPath
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_fixture
+from converters.detr.__main__ import main
+from detr_fixtures import assert_reproduces, load_official, write_official_checkpoint
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def refine_two_stage(tmp_path_factory):
+    return write_official_checkpoint("deformable_detr_refine_twostage",
+                                     tmp_path_factory.mktemp("official") / "official.pth")
+
+
+def test_convert_then_run_reproduces_the_official_outputs(refine_two_stage, tmp_path, capsys):
+    root = require_fixture("detr/deformable_detr_refine_twostage")
+    converted = tmp_path / "toolkit.pth"
+    code, out, err = cli(capsys, "convert", refine_two_stage, "-o", converted)
+    assert code == 0, err
+    assert "box refinement+two-stage" in out and "91 classes" in out
+    checkpoint = torch.load(converted, weights_only=True)  # plain types and tensors only
+    assert checkpoint["format"] == "legacy-det/detr/1" and checkpoint["config"]["two_stage"] is True
+    for source in (converted, refine_two_stage):  # the converted file, and the official one directly
+        code, _, err = cli(capsys, "run", source, "--input", root / "input.npz", "--out", tmp_path / "out.npz",
+                           "--float64")
+        assert code == 0, err
+        assert_reproduces(dict(np.load(tmp_path / "out.npz")), np.load(root / "output.npz"))
+    # float32 by default: the same outputs to float32 precision.
+    code, _, err = cli(capsys, "run", converted, "--input", root / "input.npz", "--out", tmp_path / "f32.npz")
+    assert code == 0, err
+    f32, ref = np.load(tmp_path / "f32.npz"), np.load(root / "output.npz")
+    assert f32["pred_boxes"].dtype == np.float32
+    np.testing.assert_allclose(f32["pred_boxes"], ref["pred_boxes"], atol=1e-4)
+
+
+def test_errors_are_one_line_naming_the_keys(refine_two_stage, tmp_path, capsys):
+    official = load_official(refine_two_stage)
+    cases = {}
+    broken = dict(official, model={k: v for k, v in official["model"].items() if "level_embed" not in k})
+    broken["model"]["extra.weight"] = torch.zeros(1)
+    cases["missing_key.pth"] = (broken, "1 missing: transformer.level_embed; 1 unexpected: extra.weight")
+    args = vars(official["args"]).copy()
+    args["dim_feedforward"] = 2048
+    cases["other_args.pth"] = (dict(official, args=argparse.Namespace(**args)), "of another shape: "
+                               "transformer.encoder.layers.0.linear1.weight (1024, 256) vs (2048, 256)")
+    sparse = vars(official["args"]).copy()
+    sparse["rho"] = 0.1
+    cases["sparse.pth"] = (dict(official, args=argparse.Namespace(**sparse)), "a Sparse DETR checkpoint")
+    cases["no_args.pth"] = ({"model": official["model"]}, "no 'args'")
+    cases["object.pth"] = ({"model": {}, "args": PurePosixPath("x")}, "Unsupported global")
+    for name, (payload, message) in cases.items():
+        torch.save(payload, tmp_path / name)
+        code, _, err = cli(capsys, "convert", tmp_path / name, "-o", tmp_path / "out.pth")
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err)
+        assert message in err, (name, err)
+        assert not (tmp_path / "out.pth").exists()
+    caffemodel = require_fixture("caffe/dsod300/random_init.caffemodel")
+    code, _, err = cli(capsys, "convert", caffemodel, "-o", tmp_path / "out.pth")
+    assert code == 2 and "not a PyTorch checkpoint" in err
+    np.savez(tmp_path / "bad.npz", pictures=np.zeros((1, 3, 8, 8), np.float32))
+    code, _, err = cli(capsys, "run", refine_two_stage, "--input", tmp_path / "bad.npz", "--out", tmp_path / "o.npz")
+    assert code == 2 and "no 'images' array" in err

@@ -1,0 +1,88 @@
+"""ResNet backbone with frozen batch norm for the DETR family, with a padding mask per output level.
+
+``Joiner`` reproduces the official module tree (``backbone.0.body.<torchvision
+ResNet names>``, ``backbone.1`` the position encoding), so that official
+checkpoints load by name.  No weights are downloaded: the ResNet is built empty,
+then filled from a checkpoint or from a local torchvision file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from toolkit.models.detr.position_encoding import SinePositionEncoding
+
+
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Padding mask bool ``(B, H, W)`` -> ``(B, h, w)`` by nearest sampling (the official
+    ``F.interpolate(mask[None].float(), size).bool()``)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet with ``FrozenBatchNorm2d`` (eps 1e-5, statistics and affine frozen), returning C3-C5
+    (strides 8, 16, 32) or C5 alone.
+
+    Args:
+        name: ``resnet50`` or ``resnet101`` (any torchvision ResNet with bottleneck blocks).
+        multi_scale: return C3, C4, C5 (else C5 only).
+        dilation: replace C5's stride with dilation (stride 16).
+        train_backbone: leave C2-C5's parameters trainable (the stem and C1 are always frozen, as officially).
+        weights: a local torchvision ResNet state dict file to start from (nothing is downloaded).
+    """
+
+    def __init__(self, name: str = "resnet50", multi_scale: bool = True, dilation: bool = False,
+                 train_backbone: bool = True, weights: Optional[str | os.PathLike] = None) -> None:
+        super().__init__()
+        resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                                   norm_layer=FrozenBatchNorm2d)
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            missing, unexpected = resnet.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing:
+                raise ValueError(f"{weights}: not a torchvision {name} state dict (missing {missing[:5]} ...)")
+        for pname, parameter in resnet.named_parameters():
+            if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        if multi_scale:
+            layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+            self.strides, self.num_channels = [8, 16, 32], [512, 1024, 2048]
+        else:
+            layers = {"layer4": "0"}
+            self.strides, self.num_channels = [32], [2048]
+        if dilation:
+            self.strides[-1] //= 2
+        if name in ("resnet18", "resnet34"):  # basic blocks: a quarter of the channels
+            self.num_channels = [c // 4 for c in self.num_channels]
+        self.body = IntermediateLayerGetter(resnet, return_layers=layers)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``images`` ``(B, 3, H, W)``, ``mask`` bool ``(B, H, W)`` -> ``[(features (B, C, h, w), mask (B, h, w))]``
+        from the finest level to the coarsest."""
+        out = []
+        for _, feature in sorted(self.body(images).items()):
+            out.append((feature, downsample_mask(mask, feature.shape[-2:])))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """``[ResNetBody, SinePositionEncoding]``: features, masks and position encodings per level."""
+
+    def __init__(self, body: ResNetBody, position: SinePositionEncoding) -> None:
+        super().__init__(body, position)
+        self.strides = body.strides
+        self.num_channels = body.num_channels
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor):
+        """-> ``(levels [(features, mask)], positions [(B, 2F, h, w) in the features' dtype])``."""
+        levels = self[0](images, mask)
+        return levels, [self[1](m).to(f.dtype) for f, m in levels]

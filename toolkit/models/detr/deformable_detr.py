@@ -1,0 +1,218 @@
+"""Deformable DETR: the detector, its heads and its builder.
+
+``DeformableDETR(images, mask)`` returns raw tensors as the official model does
+(``models/deformable_detr.py`` of fundamentalvision/Deformable-DETR): per query
+class logits (sigmoid, no background class) and boxes ``(cx, cy, w, h)``
+normalized to the padded image, for the last decoder layer and, as auxiliary
+outputs, every earlier one; two-stage models also return the encoder's proposal
+scores and boxes.  Module and parameter names equal the official state-dict keys
+(shared heads appear under every name the official model lists them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.models.detr.backbone import Joiner, ResNetBody, downsample_mask
+from toolkit.models.detr.deformable_transformer import DeformableTransformer, _clones, inverse_sigmoid
+from toolkit.models.detr.position_encoding import SinePositionEncoding
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (the official box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip([input_dim] + dims, dims + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+@dataclass(frozen=True)
+class DeformableDETRConfig:
+    """The architecture, with the official ``main.py`` argument names and defaults."""
+
+    num_classes: int = 91
+    backbone: str = "resnet50"
+    dilation: bool = False
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    aux_loss: bool = True
+    with_box_refine: bool = False
+    two_stage: bool = False
+
+    @classmethod
+    def from_official_args(cls, args: Mapping, num_classes: int) -> "DeformableDETRConfig":
+        """The architecture named by an official checkpoint's ``args`` (``vars(namespace)``).
+
+        Raises:
+            ValueError: naming the arguments the toolkit does not build (``masks``, a learned position
+                embedding).
+        """
+        unsupported = []
+        if args.get("masks"):
+            unsupported.append("masks (segmentation)")
+        if args.get("position_embedding", "sine") not in ("sine", "v2"):
+            unsupported.append(f"position_embedding {args.get('position_embedding')!r}")
+        if unsupported:
+            raise ValueError(f"unsupported official arguments: {', '.join(unsupported)}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in known and k != "num_classes"}, num_classes=num_classes)
+
+
+class DeformableDETR(nn.Module):
+    """Deformable DETR (single- or multi-scale; optional iterative box refinement and two-stage).
+
+    Args:
+        backbone: a :class:`~toolkit.models.detr.backbone.Joiner`.
+        transformer: a :class:`~toolkit.models.detr.deformable_transformer.DeformableTransformer`.
+        num_classes: logits per query (sigmoid classification: no background class; COCO: 91 ids).
+        num_queries: queries (two-stage: proposals kept).
+        num_feature_levels: levels fed to the transformer (the backbone's, plus stride-2 3x3 convolutions).
+        aux_loss: also return every decoder layer's predictions.
+        with_box_refine: one head per decoder layer; each layer refines the previous layer's boxes.
+        two_stage: an extra head scores the encoder's tokens as proposals; the best become the queries.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
+                 num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
+                 two_stage: bool = False) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden = transformer.d_model
+        class_embed = nn.Linear(hidden, num_classes)
+        bbox_embed = MLP(hidden, hidden, 4, 3)
+        self.num_feature_levels = num_feature_levels
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden * 2)
+        projections = []
+        channels = backbone.num_channels
+        for c in channels if num_feature_levels > 1 else channels[:1]:
+            projections.append(nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1), nn.GroupNorm(32, hidden)))
+        in_channels = channels[-1]
+        for _ in range(num_feature_levels - len(projections)):
+            projections.append(nn.Sequential(nn.Conv2d(in_channels, hidden, kernel_size=3, stride=2, padding=1),
+                                             nn.GroupNorm(32, hidden)))
+            in_channels = hidden
+        self.input_proj = nn.ModuleList(projections)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+
+        # Initialisation as the official model's: class bias for a 0.01 prior, zero last box layer.
+        prior = 0.01
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        if with_box_refine:
+            self.class_embed = _clones(class_embed, num_pred)
+            self.bbox_embed = _clones(bbox_embed, num_pred)
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            # One head shared by every layer, listed once per layer (as the official state dict has it).
+            self.class_embed = nn.ModuleList([class_embed for _ in range(num_pred)])
+            self.bbox_embed = nn.ModuleList([bbox_embed for _ in range(num_pred)])
+            transformer.decoder.bbox_embed = None
+        if two_stage:
+            transformer.decoder.class_embed = self.class_embed
+            for head in self.bbox_embed:
+                nn.init.zeros_(head.layers[-1].bias[2:])
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dict:
+        """Detect.
+
+        Args:
+            images: ``(B, 3, H, W)``, RGB normalized with the ImageNet mean and std, padded bottom-right.
+            mask: bool ``(B, H, W)``, True on padding (None: no padding).
+        Returns:
+            ``{"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) cxcywh normalized, "aux_outputs": [{...}] for
+            decoder layers 0..L-2, "enc_outputs": {...} (two-stage, one per encoder token)}``.
+        """
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        levels, pos = self.backbone(images, mask)
+        srcs = [self.input_proj[k](feature) for k, (feature, _) in enumerate(levels)]
+        masks = [m for _, m in levels]
+        pos = list(pos)
+        for k in range(len(srcs), self.num_feature_levels):
+            src = self.input_proj[k](levels[-1][0] if k == len(levels) else srcs[-1])
+            level_mask = downsample_mask(mask, src.shape[-2:])
+            srcs.append(src)
+            masks.append(level_mask)
+            pos.append(self.backbone[1](level_mask).to(src.dtype))
+        query_embed = None if self.two_stage else self.query_embed.weight
+        hs, init_reference, references, enc_class, enc_coord_unact = self.transformer(srcs, masks, pos, query_embed)
+
+        classes, coords = [], []
+        for layer in range(hs.shape[0]):
+            reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
+            delta = self.bbox_embed[layer](hs[layer])
+            if reference.shape[-1] == 4:
+                delta = delta + reference
+            else:
+                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            classes.append(self.class_embed[layer](hs[layer]))
+            coords.append(delta.sigmoid())
+        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+
+def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), train_backbone: bool = True,
+                          backbone_weights: Optional[str] = None) -> DeformableDETR:
+    """A Deformable DETR of ``cfg`` (empty backbone unless ``backbone_weights`` names a local torchvision file)."""
+    body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
+                      train_backbone=train_backbone, weights=backbone_weights)
+    backbone = Joiner(body, SinePositionEncoding(cfg.hidden_dim // 2))
+    transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
+                                        cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,
+                                        cfg.enc_n_points, cfg.two_stage, cfg.num_queries)
+    return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
+                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage)
+
+
+def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:
+    """A DETR output dict as flat arrays under the official names: ``pred_logits``, ``pred_boxes``,
+    ``aux_<i>_pred_*``, ``enc_pred_*``, ``enc_aux_<i>_pred_*``, and any other tensor entry as it is named."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in out.items():
+        if key == "aux_outputs":
+            for i, layer in enumerate(value):
+                flat.update({f"aux_{i}_{k}": v for k, v in layer.items()})
+        elif key == "enc_outputs":
+            flat.update({f"enc_{k}": v for k, v in value.items()})
+        elif key == "aux_outputs_enc":
+            for i, layer in enumerate(value):
+                flat.update({f"enc_aux_{i}_{k}": v for k, v in layer.items()})
+        elif isinstance(value, torch.Tensor):
+            flat[key] = value
+    return flat
