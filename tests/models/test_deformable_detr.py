@@ -12,6 +12,8 @@ import torch
 from conftest import require_fixture
 from detr_fixtures import assert_reproduces, load_official, write_official_checkpoint
 from toolkit.models.detr import DeformableDETRConfig, build_deformable_detr, flatten_outputs
+from toolkit.models.detr.criterion import SetCriterion, default_weight_dict
+from toolkit.models.detr.matcher import HungarianMatcher
 
 FOLDERS = ["deformable_detr", "deformable_detr_refine_twostage"]
 
@@ -22,7 +24,9 @@ def official(request, tmp_path_factory):
     return request.param, load_official(path)
 
 
-def test_official_checkpoints_reproduce_the_official_outputs(official):
+@pytest.fixture(scope="module")
+def reproduced(official):
+    """The model built from the official args, checked against the official key list, and its float64 outputs."""
     folder, checkpoint = official
     root = require_fixture(f"detr/{folder}")
     spec = json.loads((root / "spec.json").read_text())
@@ -40,7 +44,33 @@ def test_official_checkpoints_reproduce_the_official_outputs(official):
     inputs = np.load(root / "input.npz")
     with torch.no_grad():
         out = model(torch.from_numpy(inputs["images"]).double(), torch.from_numpy(inputs["mask"]))
-    assert_reproduces({k: v.numpy() for k, v in flatten_outputs(out).items()}, np.load(root / "output.npz"))
+    return folder, out
+
+
+def test_official_checkpoints_reproduce_the_official_outputs(reproduced):
+    folder, out = reproduced
+    reference = np.load(require_fixture(f"detr/{folder}") / "output.npz")
+    assert_reproduces({k: v.numpy() for k, v in flatten_outputs(out).items()}, reference)
+
+
+def test_criterion_reproduces_the_official_losses(reproduced):
+    """Matching, focal / L1 / GIoU losses, auxiliary layers, two-stage encoder losses and the logged errors, on
+    the real VOC boxes of targets.json, against the official criterion's values."""
+    folder, out = reproduced
+    root = require_fixture(f"detr/{folder}")
+    spec = json.loads((root / "spec.json").read_text())
+    targets = [{"labels": torch.tensor(t["labels"]), "boxes": torch.tensor(t["boxes_cxcywh"], dtype=torch.float64)}
+               for t in json.loads((root / "targets.json").read_text())]
+    assert default_weight_dict() == spec["weight_dict"]
+    criterion = SetCriterion(91, HungarianMatcher(2, 5, 2), default_weight_dict())
+    with torch.no_grad():
+        losses = criterion(out, targets)
+    assert sorted(losses) == sorted(spec["losses"])
+    for name, value in spec["losses"].items():
+        assert abs(float(losses[name]) - value) <= 1e-8 * max(abs(value), 1e-12), (name, float(losses[name]), value)
+    total = criterion.total_loss(losses)
+    assert float(total) == pytest.approx(sum(spec["weight_dict"][k] * v for k, v in spec["losses"].items()
+                                             if k in spec["weight_dict"]), rel=1e-12)
 
 
 def test_config_from_official_args_refuses_what_it_cannot_build():
@@ -63,3 +93,27 @@ def test_single_scale_and_padding_free_forward():
     assert len(out["aux_outputs"]) == 1
     torch.testing.assert_close(out["pred_boxes"], same["pred_boxes"], rtol=0, atol=0)
     assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+
+
+def test_matcher_equals_brute_force_assignment():
+    """On small random problems, the assignment's total cost is the minimum over every injective assignment."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    matcher = HungarianMatcher(2, 5, 2)
+    for trial in range(20):
+        queries, n_targets = 5, int(torch.randint(1, 5, (1,), generator=g))
+        cxcy = torch.rand(2, queries, 2, generator=g, dtype=torch.float64) * 0.6 + 0.2
+        wh = torch.rand(2, queries, 2, generator=g, dtype=torch.float64) * 0.3 + 0.05
+        outputs = {"pred_logits": torch.randn(2, queries, 4, generator=g, dtype=torch.float64),
+                   "pred_boxes": torch.cat([cxcy, wh], -1)}
+        targets = [{"labels": torch.randint(0, 4, (n_targets,), generator=g),
+                    "boxes": torch.cat([torch.rand(n_targets, 2, generator=g, dtype=torch.float64) * 0.6 + 0.2,
+                                        torch.rand(n_targets, 2, generator=g, dtype=torch.float64) * 0.3 + 0.05],
+                                       -1)} for _ in range(2)]
+        costs = matcher.cost_matrices(outputs, targets)
+        for (rows, cols), cost in zip(matcher(outputs, targets), costs):
+            assert len(rows) == n_targets and sorted(cols.tolist()) == list(range(n_targets))
+            best = min(sum(float(cost[q, t]) for t, q in enumerate(perm))
+                       for perm in itertools.permutations(range(queries), n_targets))
+            assert float(cost[rows, cols].sum()) == pytest.approx(best, rel=1e-12, abs=1e-12), trial
