@@ -1,4 +1,4 @@
-"""``python -m converters.detr``: official Deformable DETR checkpoints as toolkit models.
+"""``python -m converters.detr``: official Deformable DETR and Sparse DETR checkpoints as toolkit models.
 
 Commands::
 
@@ -10,7 +10,9 @@ is the only extra class allowed), builds the architecture its ``args`` describe,
 loads every key and writes a toolkit checkpoint.  ``run`` feeds ``images``
 ``(N, 3, H, W)`` and ``mask`` ``(N, H, W)`` (True on padding) of IN.npz to an
 official or toolkit checkpoint and writes every output under the official names
-(``pred_logits``, ``pred_boxes``, ``aux_<i>_pred_*``, ``enc_pred_*``).  Errors
+(``pred_logits``, ``pred_boxes``, ``aux_<i>_pred_*``, ``enc_pred_*``, and Sparse DETR's
+``enc_aux_<i>_pred_*``, ``backbone_mask_prediction``, ``sparse_token_nums``,
+``backbone_topk_proposals``).  Errors
 are one ``error: ...`` line naming the file and the keys, exit status 2.
 """
 
@@ -30,12 +32,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = _Parser(PROG, description="Official Deformable DETR checkpoints as toolkit models: convert, run.")
+    parser = _Parser(PROG, description="Official Deformable DETR and Sparse DETR checkpoints as toolkit models: "
+                                       "convert, run.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("convert", help="an official checkpoint -> a toolkit checkpoint",
-                       description="Read an official Deformable DETR checkpoint ({'model', 'args', ...}) without "
-                                   "unpickling arbitrary objects, build the architecture its args describe, load "
+                       description="Read an official Deformable DETR or Sparse DETR checkpoint ({'model', 'args', "
+                                   "...}) without unpickling arbitrary objects, build the architecture its args "
+                                   "describe, load "
                                    "every key, and write a toolkit checkpoint.")
     p.add_argument("checkpoint", type=Path, metavar="OFFICIAL.pth")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT.pth")
@@ -43,8 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one forward pass on images from an .npz; every output under the official names",
                        description="Feed IN.npz's 'images' (N, 3, H, W; RGB normalized with the ImageNet mean and "
                                    "std) and 'mask' (N, H, W; True on padding; optional) to the model and write "
-                                   "its outputs: pred_logits, pred_boxes (cxcywh normalized), aux_<i>_pred_*, and "
-                                   "enc_pred_* for two-stage models.")
+                                   "its outputs: pred_logits, pred_boxes (cxcywh normalized), aux_<i>_pred_*, "
+                                   "enc_pred_* for two-stage models, and Sparse DETR's enc_aux_<i>_pred_*, "
+                                   "backbone_mask_prediction, sparse_token_nums, backbone_topk_proposals.")
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="an official or a converted checkpoint")
     p.add_argument("--input", type=Path, required=True, metavar="IN.npz")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.npz")
@@ -58,10 +63,15 @@ def _convert(args) -> int:
 
     model, cfg, _ = model_from_checkpoint(args.checkpoint)
     size = write_toolkit_checkpoint(model, cfg, args.out, str(args.checkpoint))
-    n = sum(t.numel() for t in {id(p): p for p in model.state_dict().values()}.values())
-    kind = "+".join(k for k, on in (("box refinement", cfg.with_box_refine), ("two-stage", cfg.two_stage)) if on)
+    # Shared heads appear under several keys: count each storage once.
+    n = sum(t.numel() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+    options = (("box refinement", cfg.with_box_refine), ("two-stage", cfg.two_stage), (f"rho {cfg.rho:g}", cfg.rho),
+               ("encoder aux heads", cfg.use_enc_aux_loss), ("eff_query_init", cfg.eff_query_init),
+               ("eff_specific_head", cfg.eff_specific_head))
+    kind = "+".join(k for k, on in options if on)
+    name = "Sparse DETR" if cfg.family == "sparse" else "Deformable DETR"
     print(f"converted {args.checkpoint} -> {args.out} ({size / 2**20:.1f} MiB)")
-    print(f"  Deformable DETR{' (' + kind + ')' if kind else ''}: {cfg.backbone}, {cfg.num_feature_levels} levels, "
+    print(f"  {name}{' (' + kind + ')' if kind else ''}: {cfg.backbone}, {cfg.num_feature_levels} levels, "
           f"{cfg.enc_layers}+{cfg.dec_layers} layers, {cfg.num_queries} queries, {cfg.num_classes} classes; "
           f"{n:,} values")
     return 0

@@ -1,7 +1,7 @@
-"""Official Deformable DETR checkpoints -> toolkit models and checkpoints.
+"""Official Deformable DETR and Sparse DETR checkpoints -> toolkit models and checkpoints.
 
-An official checkpoint (fundamentalvision/Deformable-DETR's ``main.py`` saves
-``{"model": state_dict, "args": argparse.Namespace, "epoch", ...}``) is read with
+An official checkpoint (fundamentalvision/Deformable-DETR's and kakaobrain/sparse-detr's
+``main.py`` save ``{"model": state_dict, "args": argparse.Namespace, "epoch", ...}``) is read with
 ``weights_only=True``: ``argparse.Namespace`` is the only class allowed besides
 tensors and plain types, so no arbitrary object is unpickled.  The architecture
 comes from ``args`` (the number of classes from the class head), the state dict
@@ -60,8 +60,8 @@ def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
     """The architecture of an official checkpoint: its ``args``, the class count of its class head.
 
     Raises:
-        DETRConversionError: no ``args`` / ``model``, a Sparse DETR or ThumbDet checkpoint (not supported
-            yet), or arguments the toolkit does not build.
+        DETRConversionError: no ``args`` / ``model``, a ThumbDet checkpoint (not supported yet), or arguments
+            the toolkit does not build.
     """
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise DETRConversionError(f"{source}: not an official DETR checkpoint (no 'model' state dict)")
@@ -70,12 +70,9 @@ def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
         raise DETRConversionError(f"{source}: no 'args': the architecture cannot be known (official checkpoints "
                                   "save main.py's arguments)")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    if "rho" in args or "eff_query_init" in args:
-        raise DETRConversionError(f"{source}: a Sparse DETR checkpoint (rho={args.get('rho')}); only Deformable DETR "
-                                  "checkpoints are converted so far")
     if "use_kd_loss" in args or "down_sample_epoch" in args:
-        raise DETRConversionError(f"{source}: a ThumbDet checkpoint; only Deformable DETR checkpoints are converted "
-                                  "so far")
+        raise DETRConversionError(f"{source}: a ThumbDet checkpoint; only Deformable DETR and Sparse DETR checkpoints "
+                                  "are converted so far")
     state = checkpoint["model"]
     head = state.get("class_embed.0.weight", state.get("class_embed.weight"))
     if head is None:
@@ -132,7 +129,7 @@ def write_toolkit_checkpoint(model: DeformableDETR, cfg: DeformableDETRConfig, o
     """Write a toolkit checkpoint atomically (temporary file, then rename); returns its size in bytes."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    payload = {"format": TOOLKIT_FORMAT, "model_name": "deformable_detr", "config": asdict(cfg),
+    payload = {"format": TOOLKIT_FORMAT, "model_name": f"{cfg.family}_detr", "config": asdict(cfg),
                "model": model.state_dict(), "classes": classes, "source": source}
     try:
         torch.save(payload, tmp)

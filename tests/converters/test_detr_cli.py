@@ -57,9 +57,12 @@ def test_errors_are_one_line_naming_the_keys(refine_two_stage, tmp_path, capsys)
     args["dim_feedforward"] = 2048
     cases["other_args.pth"] = (dict(official, args=argparse.Namespace(**args)), "of another shape: "
                                "transformer.encoder.layers.0.linear1.weight (1024, 256) vs (2048, 256)")
-    sparse = vars(official["args"]).copy()
-    sparse["rho"] = 0.1
-    cases["sparse.pth"] = (dict(official, args=argparse.Namespace(**sparse)), "a Sparse DETR checkpoint")
+    thumbdet = vars(official["args"]).copy()
+    thumbdet["use_kd_loss"] = True
+    cases["thumbdet.pth"] = (dict(official, args=argparse.Namespace(**thumbdet)), "a ThumbDet checkpoint")
+    swin = vars(official["args"]).copy()
+    swin["backbone"] = "swin-t"
+    cases["swin.pth"] = (dict(official, args=argparse.Namespace(**swin)), "backbone 'swin-t' (ResNet backbones only)")
     cases["no_args.pth"] = ({"model": official["model"]}, "no 'args'")
     cases["object.pth"] = ({"model": {}, "args": PurePosixPath("x")}, "Unsupported global")
     for name, (payload, message) in cases.items():
@@ -74,3 +77,19 @@ def test_errors_are_one_line_naming_the_keys(refine_two_stage, tmp_path, capsys)
     np.savez(tmp_path / "bad.npz", pictures=np.zeros((1, 3, 8, 8), np.float32))
     code, _, err = cli(capsys, "run", refine_two_stage, "--input", tmp_path / "bad.npz", "--out", tmp_path / "o.npz")
     assert code == 2 and "no 'images' array" in err
+
+
+def test_sparse_detr_converts_and_runs(tmp_path, capsys):
+    root = require_fixture("detr/sparse_detr_rho0.1")
+    official = write_official_checkpoint("sparse_detr_rho0.1", tmp_path / "official.pth")
+    converted = tmp_path / "sparse.pth"
+    code, out, err = cli(capsys, "convert", official, "-o", converted)
+    assert code == 0, err
+    assert "Sparse DETR (box refinement+two-stage+rho 0.1+encoder aux heads+eff_query_init+eff_specific_head)" in out
+    assert torch.load(converted, weights_only=True)["model_name"] == "sparse_detr"
+    code, _, err = cli(capsys, "run", converted, "--input", root / "input.npz", "--out", tmp_path / "out.npz",
+                       "--float64")
+    assert code == 0, err
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert got["sparse_token_nums"].dtype == np.int32 and got["backbone_topk_proposals"].dtype == np.int64
+    assert_reproduces(got, np.load(root / "output.npz"))

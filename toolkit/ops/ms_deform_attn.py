@@ -222,7 +222,7 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
                 input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
-                input_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_padding_mask: Optional[torch.Tensor] = None, return_sampling: bool = False):
         """Attend from ``query`` to the multi-level ``input_flatten``.
 
         Args:
@@ -235,8 +235,11 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: int64 ``(L, 2)``, ``(H_l, W_l)``.
             input_level_start_index: int64 ``(L,)``.
             input_padding_mask: bool ``(N, S)``, True on padding (those values are zeroed).
+            return_sampling: also return where and how much each query looked (Sparse DETR's decoder
+                attention map is built from them).
         Returns:
-            ``(N, Lq, C)``.
+            ``(N, Lq, C)``; with ``return_sampling``, ``(output, sampling_locations (N, Lq, M, L, P, 2),
+            attention_weights (N, Lq, M, L, P))``.
         """
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
@@ -257,6 +260,6 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"MSDeformAttn: reference_points must end in 2 (points) or 4 (boxes), got "
                              f"{tuple(reference_points.shape)}")
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                             self.im2col_step)
-        return self.output_proj(out)
+        out = self.output_proj(ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
+                                              weights, self.im2col_step))
+        return (out, locations, weights) if return_sampling else out

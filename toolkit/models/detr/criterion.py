@@ -12,6 +12,15 @@ own matching, and the two-stage encoder proposals matched class-agnostically):
 * logged, without gradient: ``class_error`` (100 - top-1 accuracy of matched
   queries, last layer only) and ``cardinality_error``.
 
+Sparse DETR (kakaobrain/sparse-detr's ``SetCriterion``) adds the same three
+losses on its encoder layers' auxiliary heads (``_enc_<i>``, matched with the
+real labels), scores the two-stage proposals with the real labels when
+``eff_specific_head``, and supervises the scoring network:
+``loss_mask_prediction`` is the multi-label soft-margin loss of the token scores
+against the top tokens of the decoder attention map
+(:mod:`toolkit.models.detr.dam`), as many per image as the encoder kept; the
+share of decoder attention on the kept tokens is logged as ``corr_*``.
+
 Returns a dict with the official keys (``_<i>`` for auxiliary layer ``i``, ``_enc``
 for the encoder).  ``weight_dict`` gives the coefficients the total loss uses
 (``total_loss``).
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from toolkit.models.detr.dam import attention_map_correlation, decoder_attention_map, tokens_to_grid
 from toolkit.models.detr.matcher import HungarianMatcher
 
 
@@ -43,13 +53,23 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: f
 
 
 def default_weight_dict(dec_layers: int = 6, cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0,
-                        two_stage: bool = False) -> dict[str, float]:
-    """The official coefficients: per layer ``loss_ce``, ``loss_bbox``, ``loss_giou`` (and ``_enc`` ones)."""
+                        enc_layers: int = 6, sparse: bool = False, use_enc_aux_loss: bool = False,
+                        rho: float = 0.0, mask_prediction: float = 1.0) -> dict[str, float]:
+    """The official coefficients: per decoder layer ``loss_ce``, ``loss_bbox``, ``loss_giou``, and ``_enc`` ones
+    (Deformable DETR lists them whether or not the model is two-stage); Sparse DETR's ``main.py`` also
+    ``_enc_<i>`` (encoder auxiliary heads), ``_backbone`` (with ``rho``) and ``loss_mask_prediction``."""
     base = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     weights = dict(base)
     for i in range(dec_layers - 1):
         weights.update({f"{k}_{i}": v for k, v in base.items()})
     weights.update({f"{k}_enc": v for k, v in base.items()})
+    if sparse:
+        if use_enc_aux_loss:
+            for i in range(enc_layers - 1):
+                weights.update({f"{k}_enc_{i}": v for k, v in base.items()})
+        if rho:
+            weights.update({f"{k}_backbone": v for k, v in base.items()})
+        weights["loss_mask_prediction"] = mask_prediction
     return weights
 
 
@@ -61,15 +81,18 @@ class SetCriterion(nn.Module):
         matcher: the :class:`~toolkit.models.detr.matcher.HungarianMatcher`.
         weight_dict: loss name -> coefficient (:func:`default_weight_dict`).
         focal_alpha: the focal loss's alpha.
+        eff_specific_head: Sparse DETR's class-specific proposal head: the two-stage proposals are matched and
+            scored with the real labels (else class-agnostically, every target as class 0).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Mapping[str, float],
-                 focal_alpha: float = 0.25) -> None:
+                 focal_alpha: float = 0.25, eff_specific_head: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
+        self.eff_specific_head = eff_specific_head
 
     @staticmethod
     def _matched(indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +135,34 @@ class SetCriterion(nn.Module):
                                               box_convert(target_boxes, "cxcywh", "xyxy")))
         return {"loss_bbox": l1.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
+    @staticmethod
+    def attention_map(outputs: dict) -> torch.Tensor:
+        """The decoder attention map summed over layers and heads, ``(B, S)``."""
+        a = outputs["decoder_attention"]
+        return decoder_attention_map(a["spatial_shapes"], a["level_start_index"], a["dec_locations"],
+                                     a["dec_weights"]).sum(dim=(1, 2))
+
+    def loss_mask_prediction(self, outputs: dict, attention: torch.Tensor) -> dict:
+        """Sparse DETR: token scores against the top of the decoder attention map (padding never a target)."""
+        scores = outputs["backbone_mask_prediction"]
+        attention = attention.masked_fill(outputs["decoder_attention"]["padding_mask"], attention.min() - 1)
+        kept = outputs["sparse_token_nums"]
+        top = torch.topk(attention, int(kept.max()))[1]
+        target = torch.zeros_like(scores)
+        for i in range(target.shape[0]):
+            target[i].scatter_(0, top[i][:kept[i]], 1)
+        return {"loss_mask_prediction": F.multilabel_soft_margin_loss(scores, target)}
+
+    @torch.no_grad()
+    def attention_correlation(self, outputs: dict, attention: torch.Tensor) -> dict:
+        """Logged: the share of decoder attention on the tokens the encoder kept, all levels and per level."""
+        shapes = outputs["decoder_attention"]["spatial_shapes"]
+        corr = attention_map_correlation(tokens_to_grid(shapes, outputs["backbone_topk_proposals"]), attention,
+                                         shapes)
+        out = {"corr_mask_attn_map_dec_all": corr[0].mean()}
+        out.update({f"corr_mask_attn_map_dec_{i}": c.mean() for i, c in enumerate(corr[1:])})
+        return out
+
     def _all_losses(self, outputs, targets, indices, num_boxes, log: bool) -> dict:
         out = self.loss_labels(outputs, targets, indices, num_boxes, log=log)
         out.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
@@ -138,12 +189,21 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             layer = self._all_losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in layer.items()})
+        if "backbone_topk_proposals" in outputs:
+            attention = self.attention_map(outputs)
+            losses.update(self.attention_correlation(outputs, attention))
+            losses.update(self.loss_mask_prediction(outputs, attention))
         if "enc_outputs" in outputs:
-            # Proposals are matched and scored class-agnostically: every target is class 0.
-            binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            # Proposals are matched and scored class-agnostically (every target class 0), unless the proposal
+            # head is class-specific (Sparse DETR's eff_specific_head).
+            enc_targets = targets if self.eff_specific_head else [
+                {**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             enc = outputs["enc_outputs"]
-            layer = self._all_losses(enc, binary, self.matcher(enc, binary), num_boxes, log=False)
+            layer = self._all_losses(enc, enc_targets, self.matcher(enc, enc_targets), num_boxes, log=False)
             losses.update({f"{k}_enc": v for k, v in layer.items()})
+        for i, aux in enumerate(outputs.get("aux_outputs_enc", [])):
+            layer = self._all_losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False)
+            losses.update({f"{k}_enc_{i}": v for k, v in layer.items()})
         return losses
 
     def total_loss(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:

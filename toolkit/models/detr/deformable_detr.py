@@ -1,12 +1,15 @@
-"""Deformable DETR: the detector, its heads and its builder.
+"""Deformable DETR and Sparse DETR: the detector, its heads and its builder.
 
 ``DeformableDETR(images, mask)`` returns raw tensors as the official model does
 (``models/deformable_detr.py`` of fundamentalvision/Deformable-DETR): per query
 class logits (sigmoid, no background class) and boxes ``(cx, cy, w, h)``
 normalized to the padded image, for the last decoder layer and, as auxiliary
 outputs, every earlier one; two-stage models also return the encoder's proposal
-scores and boxes.  Module and parameter names equal the official state-dict keys
-(shared heads appear under every name the official model lists them).
+scores and boxes; Sparse DETR (kakaobrain/sparse-detr ``models/deformable_detr.py``)
+also its token scores, how many tokens each image kept and which, and its
+encoder layers' auxiliary predictions.  Module and parameter names equal the
+official state-dict keys (shared heads appear under every name the official
+model lists them).
 """
 
 from __future__ import annotations
@@ -58,6 +61,22 @@ class DeformableDETRConfig:
     aux_loss: bool = True
     with_box_refine: bool = False
     two_stage: bool = False
+    # Sparse DETR (family "sparse": kakaobrain/sparse-detr's wiring of the heads).
+    family: str = "deformable"
+    rho: float = 0.0
+    use_enc_aux_loss: bool = False
+    eff_query_init: bool = False
+    eff_specific_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in ("deformable", "sparse"):
+            raise ValueError(f"family must be 'deformable' or 'sparse', got {self.family!r}")
+        if self.num_feature_levels == 2:
+            raise ValueError("num_feature_levels must be 1 (C5) or at least 3 (C3-C5, then stride-2 levels)")
+        if self.family == "deformable" and (self.rho or self.use_enc_aux_loss or self.eff_query_init
+                                            or self.eff_specific_head):
+            raise ValueError("rho, use_enc_aux_loss, eff_query_init and eff_specific_head are Sparse DETR options "
+                             "(family='sparse')")
 
     @classmethod
     def from_official_args(cls, args: Mapping, num_classes: int) -> "DeformableDETRConfig":
@@ -72,10 +91,14 @@ class DeformableDETRConfig:
             unsupported.append("masks (segmentation)")
         if args.get("position_embedding", "sine") not in ("sine", "v2"):
             unsupported.append(f"position_embedding {args.get('position_embedding')!r}")
+        if not str(args.get("backbone", "resnet50")).startswith("resnet"):
+            unsupported.append(f"backbone {args.get('backbone')!r} (ResNet backbones only)")
         if unsupported:
             raise ValueError(f"unsupported official arguments: {', '.join(unsupported)}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in args.items() if k in known and k != "num_classes"}, num_classes=num_classes)
+        family = "sparse" if "rho" in args else "deformable"  # Sparse DETR's main.py has rho, Deformable DETR's not
+        values = {k: v for k, v in args.items() if k in known and k not in ("num_classes", "family")}
+        return cls(**values, num_classes=num_classes, family=family)
 
 
 class DeformableDETR(nn.Module):
@@ -90,11 +113,14 @@ class DeformableDETR(nn.Module):
         aux_loss: also return every decoder layer's predictions.
         with_box_refine: one head per decoder layer; each layer refines the previous layer's boxes.
         two_stage: an extra head scores the encoder's tokens as proposals; the best become the queries.
+        family: ``"deformable"`` or ``"sparse"``: how the heads are wired into the transformer.  Sparse DETR
+            gives the decoder the box heads whenever it is two-stage (iterative refinement), and with
+            ``transformer.use_enc_aux_loss`` one extra pair of heads per encoder layer but the last.
     """
 
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False) -> None:
+                 two_stage: bool = False, family: str = "deformable") -> None:
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -127,21 +153,32 @@ class DeformableDETR(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
+        enc_aux = transformer.use_enc_aux_loss
+        # Head order (the official lists): decoder layers, the two-stage encoder head, encoder layers 0..E-2.
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
-        if with_box_refine:
+        if enc_aux:
+            num_pred += transformer.encoder.num_layers - 1
+        if with_box_refine or enc_aux:
             self.class_embed = _clones(class_embed, num_pred)
             self.bbox_embed = _clones(bbox_embed, num_pred)
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            transformer.decoder.bbox_embed = self.bbox_embed
         else:
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             # One head shared by every layer, listed once per layer (as the official state dict has it).
             self.class_embed = nn.ModuleList([class_embed for _ in range(num_pred)])
             self.bbox_embed = nn.ModuleList([bbox_embed for _ in range(num_pred)])
-            transformer.decoder.bbox_embed = None
+        refine = with_box_refine if family == "deformable" else two_stage
+        transformer.decoder.bbox_embed = self.bbox_embed if refine else None
         if two_stage:
             transformer.decoder.class_embed = self.class_embed
             for head in self.bbox_embed:
+                nn.init.zeros_(head.layers[-1].bias[2:])
+        if enc_aux:
+            n = transformer.encoder.num_layers - 1
+            transformer.encoder.aux_heads = True
+            transformer.encoder.class_embed = self.class_embed[-n:]
+            transformer.encoder.bbox_embed = self.bbox_embed[-n:]
+            for head in transformer.encoder.bbox_embed:
                 nn.init.zeros_(head.layers[-1].bias[2:])
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dict:
@@ -167,37 +204,48 @@ class DeformableDETR(nn.Module):
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, references, enc_class, enc_coord_unact = self.transformer(srcs, masks, pos, query_embed)
+        t = self.transformer(srcs, masks, pos, query_embed)
 
         classes, coords = [], []
-        for layer in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if layer == 0 else references[layer - 1])
-            delta = self.bbox_embed[layer](hs[layer])
+        for layer in range(t["hs"].shape[0]):
+            reference = inverse_sigmoid(t["init_reference"] if layer == 0 else t["references"][layer - 1])
+            delta = self.bbox_embed[layer](t["hs"][layer])
             if reference.shape[-1] == 4:
                 delta = delta + reference
             else:
                 delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            classes.append(self.class_embed[layer](hs[layer]))
+            classes.append(self.class_embed[layer](t["hs"][layer]))
             coords.append(delta.sigmoid())
         out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
         if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+            out["enc_outputs"] = {"pred_logits": t["enc_class"], "pred_boxes": t["enc_coord_unact"].sigmoid()}
+        if "mask_prediction" in t:
+            out.update(backbone_mask_prediction=t["mask_prediction"], sparse_token_nums=t["sparse_token_nums"],
+                       backbone_topk_proposals=t["topk_inds"])
+        if "enc_aux_classes" in t:
+            out["aux_outputs_enc"] = [{"pred_logits": c, "pred_boxes": b}
+                                      for c, b in zip(t["enc_aux_classes"], t["enc_aux_boxes"])]
+        # Where the decoder looked: Sparse DETR's decoder attention map (the scoring network's target) uses it.
+        out["decoder_attention"] = {k: t[k] for k in ("dec_locations", "dec_weights", "spatial_shapes",
+                                                      "level_start_index", "padding_mask")}
         return out
 
 
 def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), train_backbone: bool = True,
                           backbone_weights: Optional[str] = None) -> DeformableDETR:
-    """A Deformable DETR of ``cfg`` (empty backbone unless ``backbone_weights`` names a local torchvision file)."""
+    """A Deformable or Sparse DETR of ``cfg`` (empty backbone unless ``backbone_weights`` names a local
+    torchvision file)."""
     body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
                       train_backbone=train_backbone, weights=backbone_weights)
     backbone = Joiner(body, SinePositionEncoding(cfg.hidden_dim // 2))
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                                         cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,
-                                        cfg.enc_n_points, cfg.two_stage, cfg.num_queries)
+                                        cfg.enc_n_points, cfg.two_stage, cfg.num_queries, cfg.rho,
+                                        cfg.use_enc_aux_loss, cfg.eff_query_init, cfg.eff_specific_head)
     return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
-                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage)
+                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family)
 
 
 def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:
@@ -214,5 +262,5 @@ def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:
             for i, layer in enumerate(value):
                 flat.update({f"enc_aux_{i}_{k}": v for k, v in layer.items()})
         elif isinstance(value, torch.Tensor):
-            flat[key] = value
+            flat[key] = value  # e.g. Sparse DETR's backbone_mask_prediction, sparse_token_nums
     return flat

@@ -1,9 +1,11 @@
-"""Deformable DETR against the official code's float64 outputs (``shared/fixtures/detr``)."""
+"""Deformable DETR and Sparse DETR against the official code's float64 outputs and losses (``shared/fixtures/detr``),
+the matcher against brute force, the decoder attention map against a naive loop."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from toolkit.models.detr import DeformableDETRConfig, build_deformable_detr, fla
 from toolkit.models.detr.criterion import SetCriterion, default_weight_dict
 from toolkit.models.detr.matcher import HungarianMatcher
 
-FOLDERS = ["deformable_detr", "deformable_detr_refine_twostage"]
+FOLDERS = ["deformable_detr", "deformable_detr_refine_twostage", "sparse_detr_rho0.1"]
 
 
 @pytest.fixture(scope="module", params=FOLDERS)
@@ -31,7 +33,8 @@ def reproduced(official):
     root = require_fixture(f"detr/{folder}")
     spec = json.loads((root / "spec.json").read_text())
     cfg = DeformableDETRConfig.from_official_args(vars(checkpoint["args"]), 91)
-    assert (cfg.with_box_refine, cfg.two_stage) == ((True, True) if "twostage" in folder else (False, False))
+    assert (cfg.with_box_refine, cfg.two_stage) == ((False, False) if folder == "deformable_detr" else (True, True))
+    assert cfg.family == ("sparse" if folder.startswith("sparse") else "deformable")
     model = build_deformable_detr(cfg)
     # The module tree carries the official names: the same keys, shapes, and tensors shared where the official
     # model shares them (one head listed per decoder layer without refinement; the decoder's copies of the heads).
@@ -44,25 +47,28 @@ def reproduced(official):
     inputs = np.load(root / "input.npz")
     with torch.no_grad():
         out = model(torch.from_numpy(inputs["images"]).double(), torch.from_numpy(inputs["mask"]))
-    return folder, out
+    return folder, out, cfg
 
 
 def test_official_checkpoints_reproduce_the_official_outputs(reproduced):
-    folder, out = reproduced
+    folder, out, _ = reproduced
     reference = np.load(require_fixture(f"detr/{folder}") / "output.npz")
     assert_reproduces({k: v.numpy() for k, v in flatten_outputs(out).items()}, reference)
 
 
 def test_criterion_reproduces_the_official_losses(reproduced):
-    """Matching, focal / L1 / GIoU losses, auxiliary layers, two-stage encoder losses and the logged errors, on
-    the real VOC boxes of targets.json, against the official criterion's values."""
-    folder, out = reproduced
+    """Matching, focal / L1 / GIoU losses, auxiliary layers, two-stage encoder losses, Sparse DETR's encoder
+    auxiliary and mask-prediction losses and the logged errors and correlations, on the real VOC boxes of
+    targets.json, against the official criterion's values."""
+    folder, out, cfg = reproduced
     root = require_fixture(f"detr/{folder}")
     spec = json.loads((root / "spec.json").read_text())
     targets = [{"labels": torch.tensor(t["labels"]), "boxes": torch.tensor(t["boxes_cxcywh"], dtype=torch.float64)}
                for t in json.loads((root / "targets.json").read_text())]
-    assert default_weight_dict() == spec["weight_dict"]
-    criterion = SetCriterion(91, HungarianMatcher(2, 5, 2), default_weight_dict())
+    weights = default_weight_dict(cfg.dec_layers, enc_layers=cfg.enc_layers, sparse=cfg.family == "sparse",
+                                  use_enc_aux_loss=cfg.use_enc_aux_loss, rho=cfg.rho)
+    assert weights == spec["weight_dict"]
+    criterion = SetCriterion(91, HungarianMatcher(2, 5, 2), weights, eff_specific_head=cfg.eff_specific_head)
     with torch.no_grad():
         losses = criterion(out, targets)
     assert sorted(losses) == sorted(spec["losses"])
@@ -117,3 +123,53 @@ def test_matcher_equals_brute_force_assignment():
             best = min(sum(float(cost[q, t]) for t, q in enumerate(perm))
                        for perm in itertools.permutations(range(queries), n_targets))
             assert float(cost[rows, cols].sum()) == pytest.approx(best, rel=1e-12, abs=1e-12), trial
+
+
+def test_decoder_attention_map_equals_a_naive_scatter():
+    """Every point's weight spread over the four tokens around ``loc * (W, H)`` (Sparse DETR's placement), one
+    point at a time, against the vectorised map."""
+    from toolkit.models.detr.dam import decoder_attention_map
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    starts = torch.tensor([0, 12])
+    n, layers, lq, heads, n_levels, points = 2, 2, 3, 2, 2, 2
+    locations = torch.rand(n, layers, lq, heads, n_levels, points, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(n, layers, lq, heads, n_levels, points, generator=g, dtype=torch.float64)
+    expected = torch.zeros(n, layers, heads, 16, dtype=torch.float64)
+    for index in np.ndindex(n, layers, lq, heads, n_levels, points):
+        b, layer, _, head, level, _ = index
+        h, w = (int(v) for v in shapes[level])
+        x = float(locations[index][0]) * w
+        y = float(locations[index][1]) * h
+        x0, y0 = math.floor(x), math.floor(y)
+        for xi in (x0, x0 + 1):
+            for yi in (y0, y0 + 1):
+                if 0 <= xi < w and 0 <= yi < h:
+                    area = (1 - abs(x - xi)) * (1 - abs(y - yi))
+                    expected[b, layer, head, int(starts[level]) + yi * w + xi] += float(weights[index]) * area
+    torch.testing.assert_close(decoder_attention_map(shapes, starts, locations, weights), expected, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_rho_one_keeps_every_token():
+    """With rho = 1 every token is selected and written back: the encoder equals the dense one (rho = 0) with the
+    same weights, on images without padding."""
+    torch.manual_seed(0)
+    common = dict(num_classes=5, backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                  dim_feedforward=64, num_feature_levels=3, num_queries=10, with_box_refine=True, two_stage=True,
+                  family="sparse", use_enc_aux_loss=True, eff_query_init=True, eff_specific_head=True)
+    sparse = build_deformable_detr(DeformableDETRConfig(**common, rho=1.0)).double().eval()
+    dense = build_deformable_detr(DeformableDETRConfig(**common, rho=0.0)).double().eval()
+    state = {k: v for k, v in sparse.state_dict().items() if "enc_mask_predictor" not in k}
+    dense.load_state_dict(state, strict=True)
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = sparse(images), dense(images)
+    tokens = 8 * 12 + 4 * 6 + 2 * 3
+    assert a["sparse_token_nums"].tolist() == [tokens + 1] * 2 and a["backbone_topk_proposals"].shape == (2, tokens)
+    assert sorted(a["backbone_topk_proposals"][0].tolist()) == list(range(tokens))
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a["enc_outputs"]["pred_boxes"], b["enc_outputs"]["pred_boxes"], rtol=1e-10,
+                               atol=1e-10)
