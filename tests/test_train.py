@@ -225,8 +225,10 @@ def test_small_model_overfits_a_few_images(data_root):
 
 def test_every_model_has_a_solver_and_an_input_spec():
     from toolkit.models.build import INPUTS, MODELS
+    from toolkit.models.detr.training import DETR_PRESETS
 
-    assert set(train_mod.SOLVERS) == set(MODELS) == set(INPUTS)
+    assert set(MODELS) == set(INPUTS)
+    assert set(train_mod.SOLVERS) == set(MODELS) | set(DETR_PRESETS)
     # Caffe's multistep: lr * gamma ** (#steps passed), with the warm-up on top.
     preset = train_mod.SolverPreset(0.1, (10, 20), 30, batch_size=2, warmup_iters=4)
     assert [round(train_mod.lr_factor(i, preset), 6) for i in (0, 3, 9, 10, 19, 20, 29)] == \
@@ -284,3 +286,53 @@ def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path, augm
                                     *extra)) == 0
         runs.append([h["loss"] for h in _history(out)])
     assert runs[0] == runs[1]
+
+
+def test_detr_training_resumes_exactly_and_its_checkpoint_evaluates_and_predicts(data_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """sparse_detr_tiny with the DETR recipe (AdamW groups, clipping, DETR augmentation, padded batches): a run killed
+    after its checkpoint and resumed repeats the uninterrupted run's losses; toolkit.evaluate and toolkit.predict
+    take the checkpoint."""
+    from toolkit.evaluate import main as evaluate_main
+    from toolkit.predict import main as predict_main
+
+    def args(out, *extra):
+        return ["--dataset", "shapes", "--model", "sparse_detr_tiny", "--data-root", str(data_root), "--out",
+                str(out), "--batch-size", "2", "--no-progress", "--workers", "0", "--rho", "0.3", *extra]
+
+    full = tmp_path / "full"
+    assert train_mod.main(args(full, "--iters", "4")) == 0
+    reference = _history(full)
+    assert [h["iteration"] for h in reference] == [1, 2, 3, 4]
+    assert set(reference[0]) == {"iteration", "lr", "loss", "loss_ce", "loss_bbox", "loss_giou"}
+    checkpoint = torch.load(full / "checkpoint.pth", weights_only=True)
+    assert checkpoint["model_config"]["rho"] == 0.3 and checkpoint["model_config"]["family"] == "sparse"
+    assert json.loads((full / "metrics.json").read_text())["metric"] == "voc07"
+
+    killed = tmp_path / "killed"
+    real_checkpoint = train_mod.Trainer.checkpoint
+
+    def checkpoint_then_die(self):
+        real_checkpoint(self)
+        if self.iteration == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(args(killed, "--iters", "4", "--ckpt-every", "2"))
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
+    assert train_mod.main(args(killed, "--iters", "4", "--resume")) == 0
+    for a, b in zip(reference, _history(killed)):
+        assert a == b
+
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(full / "checkpoint.pth"), "--dataset", "shapes", "--data-root",
+                          str(data_root), "--json", str(tmp_path / "map.json")]) == 0
+    assert json.loads((tmp_path / "map.json").read_text())["mAP"] == pytest.approx(
+        json.loads((full / "metrics.json").read_text())["mAP"])
+    image = next((data_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))
+    assert predict_main(["--checkpoint", str(full / "checkpoint.pth"), str(image), "--out", str(tmp_path / "pred"),
+                         "--score-threshold", "0"]) == 0
+    records = json.loads((tmp_path / "pred" / "detections.json").read_text())["detections"]
+    assert len(records[0]["scores"]) == 100  # the top-100 (query, class) pairs
+    assert set(records[0]["classes"]) <= {"circle", "square", "triangle", "star", "hexagon", "cross"}

@@ -226,6 +226,7 @@ def evaluate_detector(
     device: torch.device,
     metric: str = "voc07",
     progress: bool = False,
+    predict_fn: Optional[Callable] = None,
 ):
     """AP of ``model`` on a dataset: VOC AP (``metric``) for VOC-style datasets, COCO AP
     (pycocotools) for :class:`~toolkit.data.coco.COCODetection`.
@@ -234,7 +235,9 @@ def evaluate_detector(
     carry ``image_id`` and ``orig_size``); ``dataset`` provides the ground truth.
     Returns ``(result, predictions)``: a :class:`~toolkit.evaluation.voc.VOCEvalResult` or
     :class:`~toolkit.evaluation.coco.COCOEvalResult` (both have ``mAP`` and ``ap``),
-    and the per-image predictions in pixels of the original images.
+    and the per-image predictions in pixels of the original images.  ``predict_fn(model, inputs, device)``
+    replaces the SSD post-processing (``params`` unused then): the DETR family's batches are ``(images, mask)``
+    and its predictions come from its own post-processing; boxes are normalized xyxy either way.
     """
     from tqdm import tqdm
 
@@ -242,7 +245,10 @@ def evaluate_detector(
     model.eval()
     predictions = []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        dets = predict(model, images.to(device), params)
+        if predict_fn is not None:
+            dets = predict_fn(model, images, device)
+        else:
+            dets = predict(model, images.to(device), params)
         for d, t in zip(dets, targets):
             p = to_image_pixels(d, t["orig_size"].tolist())
             p["image_id"] = t["image_id"]
@@ -317,6 +323,18 @@ def model_from_checkpoint(ckpt: dict, path, model_name: str, classes: Optional[S
     (``path`` names it in messages)."""
     from toolkit.models.build import build_model
 
+    if is_detr_checkpoint(ckpt):
+        from toolkit.models.detr import DeformableDETRConfig, build_deformable_detr
+
+        cfg = DeformableDETRConfig(**(ckpt.get("model_config") or ckpt["config"]))
+        model = build_deformable_detr(cfg, train_backbone=False)
+        model.load_state_dict(ckpt["model"])
+        if classes is None:
+            classes = ckpt.get("classes") or detr_default_classes(cfg.num_classes)
+        classes = tuple(classes)
+        if len(classes) != cfg.num_classes + 1:
+            raise ValueError(f"{path}: {len(classes) - 1} class names for a model with {cfg.num_classes} classes")
+        return model.to(device).eval(), classes, model_name
     if is_converted_checkpoint(ckpt):
         from toolkit.models.caffe_import import CaffeWeightsError, converted_blobs, load_caffe_blobs
 
@@ -336,6 +354,73 @@ def model_from_checkpoint(ckpt: dict, path, model_name: str, classes: Optional[S
     model = build_model(model_name, len(classes))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), classes, model_name
+
+
+DETR_CHECKPOINT_FORMAT = "legacy-det/detr/1"  # what python -m converters.detr convert writes
+
+
+def is_detr_checkpoint(checkpoint) -> bool:
+    """A DETR-family checkpoint: ``toolkit.train``'s (with ``model_config``) or ``converters.detr convert``'s."""
+    return isinstance(checkpoint, dict) and (checkpoint.get("format") == DETR_CHECKPOINT_FORMAT
+                                             or bool(checkpoint.get("model_config")))
+
+
+def detr_default_classes(num_classes: int) -> tuple[str, ...]:
+    """Class names (background first) of a DETR head without stored names: COCO's by category id for the
+    official 91-way head, else ``class_<i>``."""
+    from toolkit.data.coco import COCO_NAMES_BY_ID
+
+    if num_classes == len(COCO_NAMES_BY_ID):
+        return ("background", *COCO_NAMES_BY_ID)
+    return ("background", *(f"class_{i}" for i in range(num_classes)))
+
+
+@dataclass(frozen=True)
+class InferenceSetup:
+    """How a model family reads images: the test transform, the batch collation and the prediction function
+    (``predict_fn(model, inputs, device)``; None: the SSD post-processing with ``params``)."""
+
+    transform: Callable
+    collate: Callable
+    predict_fn: Optional[Callable]
+    params: Optional[DetectionOutputParams]
+    batch_size: int
+
+
+def inference_setup(model_name: str, num_classes: int) -> InferenceSetup:
+    """The test-time pipeline of a preset (``num_classes`` with the background)."""
+    from toolkit.models.detr.training import DETR_PRESETS
+
+    if model_name in DETR_PRESETS:
+        from toolkit.data.detr_transforms import DETRTestTransform, collate_padded
+        from toolkit.models.detr.training import detr_predict
+
+        preset = DETR_PRESETS[model_name]
+        return InferenceSetup(DETRTestTransform(preset.test_scale, preset.max_size), collate_padded, detr_predict,
+                              None, 4)
+    from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
+    from toolkit.models.build import INPUTS, default_postprocess
+
+    spec = INPUTS[model_name]
+    return InferenceSetup(SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]), collate_detection, None,
+                          default_postprocess(num_classes), 16)
+
+
+def relabel(predict_fn: Optional[Callable], params, mapping: dict[int, int]) -> Callable:
+    """A ``predict_fn`` whose labels go through ``mapping`` (model label -> dataset label); others dropped."""
+    def run(model, inputs, device):
+        if predict_fn is not None:
+            dets = predict_fn(model, inputs, device)
+        else:
+            dets = predict(model, inputs.to(device), params)
+        out = []
+        for d in dets:
+            labels = torch.tensor([mapping.get(int(v), -1) for v in d["labels"]], dtype=torch.int64)
+            keep = labels >= 0
+            out.append({**d, "boxes": d["boxes"][keep], "scores": d["scores"][keep], "labels": labels[keep]})
+        return out
+
+    return run
 
 
 def is_converted_checkpoint(checkpoint) -> bool:
@@ -370,6 +455,11 @@ def read_checkpoint(path, model_name: Optional[str] = None) -> tuple[dict, str]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if is_detr_checkpoint(ckpt):
+        for key in ("model", "model_name"):
+            if key not in ckpt:
+                raise ValueError(f"{path}: a DETR checkpoint without {key!r}")
+        return ckpt, ckpt["model_name"]
     if model_name is not None and model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     if is_converted_checkpoint(ckpt):

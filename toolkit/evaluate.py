@@ -106,28 +106,37 @@ def _run_checkpoint(args) -> dict:
     from torch.utils.data import DataLoader
 
     from toolkit.data import build_dataset
-    from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
-    from toolkit.engine import evaluate_detector, is_converted_checkpoint, model_from_checkpoint, read_checkpoint
+    from toolkit.engine import (evaluate_detector, inference_setup, is_converted_checkpoint, is_detr_checkpoint,
+                                model_from_checkpoint, read_checkpoint, relabel)
+    from toolkit.evaluation.classes import match_classes
     from toolkit.evaluation.submission import detections_from_predictions, write_voc_submission
-    from toolkit.models.build import INPUTS, default_postprocess
 
     if not args.dataset:
         raise SystemExit("error: --checkpoint needs --dataset")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, name = read_checkpoint(args.checkpoint, args.model)
-    spec = INPUTS[name]
-    dataset = build_dataset(args.dataset, "test", root=args.data_root,
-                            transform=SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]))
-    # A converted Caffe model is evaluated with the dataset's class names (its own, when convert stored them,
-    # must be the same: checked below).
-    classes = dataset.classes if is_converted_checkpoint(ckpt) and "classes" not in ckpt else None
-    model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name, classes, device)
+    # A converted Caffe model without stored names takes the dataset's (its own, when stored, must match).
+    use_dataset_classes = is_converted_checkpoint(ckpt) and "classes" not in ckpt
+    dataset = build_dataset(args.dataset, "test", root=args.data_root)
+    model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name,
+                                                 dataset.classes if use_dataset_classes else None, device)
+    setup = inference_setup(name, len(classes))
+    dataset.transform = setup.transform  # every dataset class applies self.transform in __getitem__
+    predict_fn = setup.predict_fn
     if tuple(dataset.classes) != classes:
-        raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
-                         f"{tuple(dataset.classes[1:])}")
-    loader = DataLoader(dataset, batch_size=16, shuffle=False, num_workers=2, collate_fn=collate_detection)
-    result, predictions = evaluate_detector(model, dataset, loader, default_postprocess(len(classes)), device,
-                                            args.metric, progress=True)
+        if not (is_detr_checkpoint(ckpt) or is_converted_checkpoint(ckpt)):
+            raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
+                             f"{tuple(dataset.classes[1:])}")
+        # A converted model (e.g. a COCO-trained DETR's 91 ids): its classes matched to the dataset's by name.
+        mapping, extra = match_classes(classes, 0, dataset.classes, str(args.checkpoint), args.dataset)
+        if extra:
+            print(f"note: {len(extra)} model classes the dataset lacks are left out: {extra[:10]}"
+                  + (" ..." if len(extra) > 10 else ""))
+        predict_fn = relabel(predict_fn, setup.params, mapping)
+        classes = tuple(dataset.classes)
+    loader = DataLoader(dataset, batch_size=setup.batch_size, shuffle=False, num_workers=2, collate_fn=setup.collate)
+    result, predictions = evaluate_detector(model, dataset, loader, setup.params, device, args.metric, progress=True,
+                                            predict_fn=predict_fn)
     if args.write_detections and not hasattr(dataset, "coco"):
         write_voc_submission(args.write_detections, args.split,
                              detections_from_predictions(predictions, classes[1:]), args.prefix)

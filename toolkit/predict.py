@@ -23,11 +23,10 @@ import torch
 
 from toolkit.data.errors import DatasetError, ImageReadError
 from toolkit.data.labelmap import read_labelmap
-from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform
 from toolkit.data.voc import VOC_CLASSES, read_image_bgr
-from toolkit.engine import is_converted_checkpoint, model_from_checkpoint, predict, read_checkpoint, to_image_pixels
+from toolkit.engine import (inference_setup, is_converted_checkpoint, model_from_checkpoint, predict, read_checkpoint,
+                            to_image_pixels)
 from toolkit.evaluation.report import write_json
-from toolkit.models.build import INPUTS, default_postprocess
 from toolkit.visualize import draw_detections
 
 
@@ -61,9 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    spec = INPUTS[name]
-    transform = SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess])
-    params = default_postprocess(len(classes))
+    setup = inference_setup(name, len(classes))
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for path in args.images:
@@ -73,8 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-        tensor, _ = transform(image, empty)
-        det = to_image_pixels(predict(model, tensor[None].to(device), params)[0], image.shape[:2])
+        inputs, _ = setup.collate([setup.transform(image, empty)])
+        if setup.predict_fn is not None:
+            det = setup.predict_fn(model, inputs, device)[0]
+        else:
+            det = predict(model, inputs.to(device), setup.params)[0]
+        det = to_image_pixels(det, image.shape[:2])
         keep = det["scores"] >= args.score_threshold
         boxes, scores, labels = (det[k][keep].numpy() for k in ("boxes", "scores", "labels"))
         drawn = draw_detections(image, boxes, scores, labels, classes)

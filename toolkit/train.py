@@ -1,4 +1,4 @@
-"""Train an SSD-family detector from scratch.
+"""Train a detector: the SSD family from scratch, or the DETR family (Deformable DETR, Sparse DETR).
 
 ::
 
@@ -6,6 +6,13 @@
     python -m toolkit.train --dataset voc0712 --model dsod300 --batch-size 4 --accum 4 --out runs/dsod300
     torchrun --nproc_per_node 8 -m toolkit.train --dataset voc0712 --model dsod300 --batch-size 4 --accum 4
     python -m toolkit.train --dataset voc07 --model dsod300 --init-from dsod300_converted.pth --lr 0.01
+    python -m toolkit.train --dataset coco --model sparse_detr --rho 0.3 --out runs/sparse_detr
+    python -m toolkit.train --dataset shapes --model deformable_detr_tiny --out runs/ddetr_tiny
+
+DETR presets (``toolkit.models.detr.training``) follow the official recipe: AdamW
+with the backbone and the sampling-offset projections at their own learning
+rates, gradient clipping, a step drop of the learning rate, DETR's random
+resize / crop / flip augmentation and padded batches.
 
 Solver presets reproduce the Caffe solvers (``SOLVERS``): SGD with momentum 0.9,
 weight decay 5e-4, a multistep schedule (gamma 0.1) and Caffe's ``iter_size``
@@ -64,6 +71,7 @@ from toolkit.engine import (
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
 from toolkit.models.caffe_import import init_from_checkpoint
+from toolkit.models.detr.training import DETR_PRESETS
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 
 
@@ -81,6 +89,13 @@ class SolverPreset:
     gamma: float = 0.1
     warmup_iters: int = 0
     augment: str = "ssd"
+    # DETR recipe: AdamW with parameter groups, gradient clipping, epochs-based length and lr drop.
+    optimizer: str = "sgd"
+    lr_backbone: float = 0.0
+    lr_linear_proj_mult: float = 1.0
+    clip_max_norm: float = 0.0
+    epochs: float = 0.0       # > 0: max_iter and steps are set from the epoch length
+    step_epochs: tuple[float, ...] = ()
 
 
 SOLVERS: dict[str, SolverPreset] = {
@@ -96,12 +111,20 @@ SOLVERS: dict[str, SolverPreset] = {
     # --workers 0): 651 s of training on 2 cores, VOC07 mAP 0.810 (README).
     "dsod_tiny": SolverPreset(0.2, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror"),
 }
+# Deformable DETR's main.py defaults (Sparse DETR keeps them): AdamW lr 2e-4, backbone 2e-5, offsets x0.1, weight
+# decay 1e-4, clip 0.1, batch 2, 50 epochs, lr / 10 after 40.
+_DETR_SOLVER = SolverPreset(2e-4, (), 0, batch_size=2, weight_decay=1e-4, augment="detr", optimizer="adamw",
+                            lr_backbone=2e-5, lr_linear_proj_mult=0.1, clip_max_norm=0.1, epochs=50,
+                            step_epochs=(40,))
+SOLVERS.update({name: _DETR_SOLVER for name in DETR_PRESETS})
+_DETR_TINY_SOLVER = replace(_DETR_SOLVER, batch_size=4, epochs=12, step_epochs=(10,))
+SOLVERS["deformable_detr_tiny"] = SOLVERS["sparse_detr_tiny"] = _DETR_TINY_SOLVER
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m toolkit.train", description=__doc__.split("\n\n")[0], add_help=add_help)
     p.add_argument("--dataset", default="shapes", help=f"one of {sorted(DATASETS)} (default shapes)")
-    p.add_argument("--model", default="dsod_tiny", choices=sorted(MODELS))
+    p.add_argument("--model", default="dsod_tiny", choices=sorted(set(MODELS) | set(DETR_PRESETS)))
     p.add_argument("--data-root", type=Path, help="data root (default $TOOLKIT_DATA or ./data)")
     p.add_argument("--batch-size", type=int, help="images per process and micro-batch")
     p.add_argument("--accum", type=int, help="micro-batches per step (Caffe iter_size)")
@@ -114,7 +137,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-iters", type=int, help="linear warm-up iterations")
-    p.add_argument("--augment", choices=("ssd", "light", "mirror"),
+    p.add_argument("--rho", type=float, help="Sparse DETR: share of encoder tokens updated (default: preset)")
+    p.add_argument("--with-box-refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="DETR: iterative box refinement (default: preset)")
+    p.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=None,
+                   help="DETR: two-stage queries from encoder proposals (default: preset)")
+    p.add_argument("--backbone-weights", type=Path,
+                   help="DETR: a local torchvision ResNet state dict to start the backbone from (nothing is "
+                        "downloaded)")
+    p.add_argument("--augment", choices=("ssd", "light", "mirror", "detr"),
                    help="ssd: the full SSD recipe; light: warp (random interpolation) and mirror; mirror: the test "
                         "transform's warp and a random mirror, so --cache-images keeps warped images (short CPU "
                         "runs). Default: preset")
@@ -161,6 +192,9 @@ def resolve_plan(args, solver: SolverPreset, train_len: int, world: int) -> Plan
     if iters_per_epoch < 1:
         raise ValueError(f"{train_len} training images are fewer than one step of "
                          f"{solver.batch_size} x {solver.accum} x {world} process(es)")
+    if solver.epochs:  # DETR recipes are written in epochs
+        solver = replace(solver, max_iter=max(1, round(solver.epochs * iters_per_epoch)),
+                         steps=tuple(round(e * iters_per_epoch) for e in solver.step_epochs))
     if args.iters is not None:
         total = args.iters
     elif args.epochs is not None:
@@ -220,11 +254,56 @@ class Trainer:
         preset = SOLVERS.get(args.model)
         if preset is None:
             raise KeyError(f"no solver preset for model {args.model!r}")
+        self.is_detr = args.model in DETR_PRESETS
+        self.model_config = None
+        if self.is_detr:
+            model, s = self._setup_detr(args, preset, dist_info)
+        else:
+            model, s = self._setup_ssd(args, preset, dist_info)
+        model = model.to(self.device)
+        if args.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if args.channels_last and not self.is_detr:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.is_detr,
+        ) if dist_info.enabled else model
+        if s.optimizer == "adamw":
+            from toolkit.models.detr.training import param_groups
+
+            groups = param_groups(model, s.base_lr, s.lr_backbone, s.lr_linear_proj_mult)
+            self.optimizer = torch.optim.AdamW(groups, lr=s.base_lr, weight_decay=s.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum,
+                                             weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, s))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and self.device.type == "cuda")
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.out: Path = args.out
+        self.writer = None
+        if dist_info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        if args.resume:
+            self._resume(self.out / "checkpoint.pth" if args.resume == "auto" else Path(args.resume))
+
+    def _setup_ssd(self, args, preset: SolverPreset, dist_info: DistInfo):
+        """Datasets, transforms, model and loss of the SSD family; returns ``(model, solver)``."""
         spec = INPUTS[args.model]
         preprocess = PREPROCESS_PRESETS[spec.preprocess]
         size = spec.size
         root = args.data_root
         augment = args.augment or preset.augment
+        if augment == "detr":
+            raise ValueError("--augment detr is for the DETR family")
         # mirror: the deterministic warp belongs to the dataset (and to the image cache).
         train_base = build_dataset(args.dataset, "train", root=root,
                                    transform=SSDTestTransform(size, preprocess) if augment == "mirror" else None)
@@ -246,6 +325,7 @@ class Trainer:
         self.train_set = AugmentedDataset(train_base, transform, args.seed)
         self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
                                     dist_info.world)
+        self.collate = collate_detection
         self.test_set = None
         if DATASETS[args.dataset].test is not None:
             self.test_set = build_dataset(args.dataset, "test", root=root, transform=SSDTestTransform(size, preprocess))
@@ -254,35 +334,66 @@ class Trainer:
             for note in init_from_checkpoint(model, load_checkpoint(args.init_from), str(args.init_from)):
                 if dist_info.is_main:
                     print(f"--init-from: {note}")
-        model = model.to(self.device)
-        if args.sync_bn:
-            if self.device.type != "cuda":
-                raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-        ) if dist_info.enabled else model
         self.criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=len(self.classes)))
         self.post = default_postprocess(len(self.classes))
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum,
-                                         weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, s))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and self.device.type == "cuda")
-        self.iteration = 0
-        self.history: list[dict] = []
-        self.evals: list[dict] = []
-        self.out: Path = args.out
-        self.writer = None
-        if dist_info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+        self.predict_fn = None
+        self.loss_keys = ("loss", "loss_box", "loss_cls")
+        return model, s
 
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        if args.resume:
-            self._resume(self.out / "checkpoint.pth" if args.resume == "auto" else Path(args.resume))
+    def _setup_detr(self, args, preset: SolverPreset, dist_info: DistInfo):
+        """Datasets, DETR augmentation, model and set criterion of the DETR family; returns ``(model, solver)``."""
+        from toolkit.data.detr_transforms import DETRTestTransform, DETRTrainTransform, collate_padded
+        from toolkit.models.detr.criterion import SetCriterion, default_weight_dict
+        from toolkit.models.detr.matcher import HungarianMatcher
+        from toolkit.models.detr.training import build_detr_model, detr_predict, preset_config
+
+        if (args.augment or preset.augment) != "detr":
+            raise ValueError("the DETR family trains with --augment detr")
+        sizes = DETR_PRESETS[args.model]
+        root = args.data_root
+        train_base = build_dataset(args.dataset, "train", root=root)
+        self.classes = train_base.classes
+        self.plan = resolve_plan(args, preset, len(train_base), dist_info.world)
+        s = self.plan.solver
+        transform = DETRTrainTransform(sizes.train_scales, sizes.max_size, sizes.crop_scales, sizes.crop_min,
+                                       sizes.crop_max)
+        if args.cache_images:
+            train_base = InMemoryDataset(train_base, progress=dist_info.is_main and not args.no_progress)
+        self.train_set = AugmentedDataset(train_base, transform, args.seed)
+        self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
+                                    dist_info.world)
+        self.collate = collate_padded
+        self.test_set = None
+        if DATASETS[args.dataset].test is not None:
+            self.test_set = build_dataset(args.dataset, "test", root=root,
+                                          transform=DETRTestTransform(sizes.test_scale, sizes.max_size))
+        cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
+                            two_stage=args.two_stage)
+        from dataclasses import asdict
+
+        self.model_config = asdict(cfg)
+        model = build_detr_model(cfg, args.backbone_weights)
+        if args.init_from:
+            init = load_checkpoint(args.init_from)
+            if not isinstance(init, dict) or "model" not in init:
+                raise ValueError(f"{args.init_from}: not a DETR checkpoint (toolkit.train's or converters.detr's)")
+            own = model.state_dict()
+            # Tensors of another shape (a class head for another label set) keep their initialisation.
+            fitting = {k: v for k, v in init["model"].items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+            model.load_state_dict(fitting, strict=False)
+            if dist_info.is_main:
+                refit = sorted({k.split(".")[0] for k in own if k not in fitting})
+                print(f"--init-from {args.init_from}: {len(fitting)} of {len(own)} tensors loaded; left at their "
+                      f"initialisation: {refit or 'none'} ({len(set(init['model']) - set(own))} ignored)")
+        self.criterion = SetCriterion(cfg.num_classes, HungarianMatcher(2.0, 5.0, 2.0),
+                                      default_weight_dict(cfg.dec_layers, enc_layers=cfg.enc_layers,
+                                                          sparse=cfg.family == "sparse",
+                                                          use_enc_aux_loss=cfg.use_enc_aux_loss, rho=cfg.rho),
+                                      eff_specific_head=cfg.eff_specific_head)
+        self.post = None
+        self.predict_fn = detr_predict
+        self.loss_keys = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+        return model, s
 
     # -- state
     def state(self) -> dict:
@@ -299,6 +410,7 @@ class Trainer:
             "dataset": self.args.dataset,
             "classes": list(self.classes),
             "args": _jsonable_args(self.args),
+            "model_config": self.model_config,
         }
 
     def _resume(self, path: Path) -> None:
@@ -328,10 +440,12 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start_batch * s.batch_size)
         return DataLoader(self.train_set, batch_size=s.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=self.args.workers, collate_fn=collate_detection,
+                          num_workers=self.args.workers, collate_fn=self.collate,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
-    def _micro_step(self, images: torch.Tensor, targets: list[dict], scale: float) -> dict:
+    def _micro_step(self, images, targets: list[dict], scale: float) -> dict:
+        if self.is_detr:
+            return self._detr_micro_step(images, targets, scale)
         autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=self.args.amp):
             images = images.to(self.device, non_blocking=True)
@@ -348,6 +462,23 @@ class Trainer:
             )
         self.scaler.scale(losses["loss"] * scale).backward()
         return losses
+
+    def _detr_micro_step(self, inputs, targets: list[dict], scale: float) -> dict:
+        from toolkit.models.detr.training import detr_targets
+
+        images, mask = inputs
+        autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=self.args.amp):
+            out = self.ddp(images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+        losses = self.criterion(out, detr_targets(targets, self.device))
+        total = self.criterion.total_loss(losses)
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss {total.item()} at iteration {self.iteration + 1} "
+                f"({', '.join(f'{k} {losses[k].item():.4g}' for k in self.loss_keys[1:])}); "
+                f"the last good checkpoint in {self.out} was kept")
+        self.scaler.scale(total * scale).backward()
+        return {"loss": total, **{k: losses[k] for k in self.loss_keys[1:]}}
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -372,12 +503,15 @@ class Trainer:
             if self.iteration >= self.plan.total_iters:
                 break
             self.optimizer.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "loss_box": 0.0, "loss_cls": 0.0}
+            sums = dict.fromkeys(self.loss_keys, 0.0)
             for _micro in range(s.accum):
                 images, targets = next(loader)
                 losses = self._micro_step(images, targets, 1.0 / s.accum)
                 for k in sums:
                     sums[k] += losses[k].item() / s.accum
+            if s.clip_max_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -399,10 +533,10 @@ class Trainer:
     def evaluate(self):
         if self.test_set is None or not self.dist.is_main:
             return None
-        loader = DataLoader(self.test_set, batch_size=16, shuffle=False, num_workers=self.args.workers,
-                            collate_fn=collate_detection)
+        loader = DataLoader(self.test_set, batch_size=16 if not self.is_detr else 4, shuffle=False,
+                            num_workers=self.args.workers, collate_fn=self.collate)
         result, _ = evaluate_detector(self.model, self.test_set, loader, self.post, self.device,
-                                      progress=not self.args.no_progress)
+                                      progress=not self.args.no_progress, predict_fn=self.predict_fn)
         self.evals.append({"iteration": self.iteration, "mAP": result.mAP, "ap": result.ap})
         if self.writer is not None:
             self.writer.add_scalar("eval/mAP", result.mAP, self.iteration)
@@ -414,7 +548,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         write_json({"history": self.history, "evals": self.evals}, self.out / "history.json")
-        plot_loss(self.history, self.evals, self.out / "loss.png")
+        plot_loss(self.history, self.evals, self.out / "loss.png", self.loss_keys)
         lines = [f"# Training report: {self.args.model} on {self.args.dataset}", "",
                  f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
                  f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
@@ -441,8 +575,9 @@ class Trainer:
             self.writer.close()
 
 
-def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path) -> None:
-    """Loss curves (total, box, class; smoothed) and the eval mAPs on a second axis."""
+def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path,
+              keys: Sequence[str] = ("loss", "loss_box", "loss_cls")) -> None:
+    """Loss curves (``keys``: total and components; smoothed) and the eval mAPs on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,7 +587,7 @@ def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path) -> Non
     if history:
         it = np.array([h["iteration"] for h in history])
         k = max(1, len(history) // 50)
-        for key, style in (("loss", "-"), ("loss_box", "--"), ("loss_cls", ":")):
+        for key, style in zip(keys, ("-", "--", ":", "-.")):
             v = np.array([h[key] for h in history])
             smooth = np.convolve(v, np.ones(k) / k, mode="valid")
             ax.plot(it[k - 1:], smooth, style, label=key)

@@ -732,40 +732,14 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def match_classes(net_names: Sequence[str], background_label_id: int, dataset_classes: Sequence[str],
                   net_source: str, dataset_name: str) -> tuple[dict[int, int], list[str]]:
-    """Net label -> dataset label, by class name (exact, else ignoring case and ``_`` / ``-`` / spaces).
+    """:func:`toolkit.evaluation.classes.match_classes`, its error as a :class:`CaffeConversionError`."""
+    from toolkit.evaluation.classes import ClassMismatchError
+    from toolkit.evaluation.classes import match_classes as match
 
-    Args:
-        net_names: the net's name per label.
-        dataset_classes: the dataset's ``classes`` (background first).
-    Returns:
-        ``({net label: dataset label}, net class names the dataset lacks)``; the
-        latter's detections are not evaluated.
-    Raises:
-        CaffeConversionError: a dataset class that no net class matches (every
-            such class named, with both lists).
-    """
-    def key(name: str) -> str:
-        return "".join(ch for ch in name.lower() if ch not in " _-")
-
-    foreground = {label: name for label, name in enumerate(net_names) if label != background_label_id}
-    exact = {name: label for label, name in foreground.items()}
-    loose = {key(name): label for label, name in foreground.items()}
-    mapping, unmatched = {}, []
-    for j, name in enumerate(dataset_classes):
-        if j == 0:
-            continue
-        label = exact.get(name, loose.get(key(name)))
-        if label is None or label in mapping:
-            unmatched.append(name)
-        else:
-            mapping[label] = j
-    if unmatched:
-        raise CaffeConversionError(
-            f"the net's classes (from {net_source}) do not match dataset {dataset_name!r}'s: no net class for "
-            f"{unmatched}; the net has {list(foreground.values())}, the dataset {list(dataset_classes[1:])} "
-            "(give the net's labelmap with --labelmap)")
-    extra = [name for label, name in foreground.items() if label not in mapping]
-    return mapping, extra
+    try:
+        return match(net_names, background_label_id, dataset_classes, net_source, dataset_name, kind="net")
+    except ClassMismatchError as exc:
+        raise CaffeConversionError(str(exc)) from None
 
 
 @dataclass

@@ -22,10 +22,11 @@ from typing import Mapping, Optional
 
 import torch
 
+from toolkit.engine import DETR_CHECKPOINT_FORMAT
 from toolkit.models.detr import DeformableDETR, DeformableDETRConfig, build_deformable_detr
 
 PathLike = str | os.PathLike
-TOOLKIT_FORMAT = "legacy-det/detr/1"
+TOOLKIT_FORMAT = DETR_CHECKPOINT_FORMAT
 
 
 class DETRConversionError(ValueError):
@@ -126,11 +127,17 @@ def model_from_checkpoint(path: PathLike) -> tuple[DeformableDETR, DeformableDET
 
 def write_toolkit_checkpoint(model: DeformableDETR, cfg: DeformableDETRConfig, out: PathLike, source: str,
                              classes: Optional[list[str]] = None) -> int:
-    """Write a toolkit checkpoint atomically (temporary file, then rename); returns its size in bytes."""
+    """Write a toolkit checkpoint atomically (temporary file, then rename); returns its size in bytes.
+
+    ``classes`` (background first, then one name per logit) default to COCO's names by category id for the
+    official 91-way heads (``toolkit.engine.detr_default_classes``)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    from toolkit.engine import detr_default_classes
+
     payload = {"format": TOOLKIT_FORMAT, "model_name": f"{cfg.family}_detr", "config": asdict(cfg),
-               "model": model.state_dict(), "classes": classes, "source": source}
+               "model": model.state_dict(), "classes": list(classes or detr_default_classes(cfg.num_classes)),
+               "source": source}
     try:
         torch.save(payload, tmp)
         os.replace(tmp, out)

@@ -93,3 +93,45 @@ def test_sparse_detr_converts_and_runs(tmp_path, capsys):
     got = dict(np.load(tmp_path / "out.npz"))
     assert got["sparse_token_nums"].dtype == np.int32 and got["backbone_topk_proposals"].dtype == np.int64
     assert_reproduces(got, np.load(root / "output.npz"))
+
+
+def test_a_converted_checkpoint_evaluates_predicts_and_initialises_training(refine_two_stage, tmp_path, capsys):
+    """The COCO model's 91 class ids are matched to VOC's 20 classes by name (aeroplane = airplane ...) for
+    toolkit.evaluate; toolkit.predict names COCO classes; toolkit.train --init-from keeps all but the class heads."""
+    import json
+    import shutil
+
+    from toolkit import train as train_mod
+    from toolkit.evaluate import main as evaluate_main
+    from toolkit.predict import main as predict_main
+
+    converted = tmp_path / "converted.pth"
+    assert main(["convert", str(refine_two_stage), "-o", str(converted)]) == 0
+    mini = require_fixture("voc2012_mini/VOCdevkit/VOC2012")
+    ids = (mini / "ImageSets" / "Main" / "val.txt").read_text().split()[:2]
+    voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    for i in ids:
+        shutil.copy(mini / "JPEGImages" / f"{i}.jpg", voc / "JPEGImages")
+        shutil.copy(mini / "Annotations" / f"{i}.xml", voc / "Annotations")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids) + "\n")
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(converted), "--dataset", "voc12val", "--data-root",
+                          str(tmp_path / "data"), "--json", str(tmp_path / "map.json")]) == 0
+    out = capsys.readouterr().out
+    assert "60 model classes the dataset lacks are left out" in out
+    assert 0.0 <= json.loads((tmp_path / "map.json").read_text())["mAP"] <= 1.0
+
+    assert predict_main(["--checkpoint", str(converted), str(voc / "JPEGImages" / f"{ids[0]}.jpg"), "--out",
+                         str(tmp_path / "pred"), "--score-threshold", "0"]) == 0
+    names = json.loads((tmp_path / "pred" / "detections.json").read_text())["detections"][0]["classes"]
+    assert names and set(names) <= set(torch.load(converted, weights_only=True)["classes"])
+
+    lmdb = require_fixture("lmdb/VOC_trainval10_lmdb")
+    code = train_mod.main(["--dataset", f"lmdb:{lmdb}", "--model", "deformable_detr", "--two-stage",
+                           "--with-box-refine", "--init-from", str(converted), "--iters", "1", "--batch-size", "1",
+                           "--workers", "0", "--no-progress", "--out", str(tmp_path / "ft")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "left at their initialisation: ['class_embed', 'transformer']" in printed
