@@ -288,8 +288,8 @@ def test_cached_images_train_exactly_as_read_from_disk(data_root, tmp_path, augm
     assert runs[0] == runs[1]
 
 
-def test_detr_training_resumes_exactly_and_its_checkpoint_evaluates_and_predicts(data_root, tmp_path,
-                                                                                  monkeypatch, capsys):
+def test_detr_training_resumes_exactly_and_its_checkpoint_evaluates_and_predicts(
+        data_root, tmp_path, monkeypatch, capsys):
     """sparse_detr_tiny with the DETR recipe (AdamW groups, clipping, DETR augmentation, padded batches): a run killed
     after its checkpoint and resumed repeats the uninterrupted run's losses; toolkit.evaluate and toolkit.predict
     take the checkpoint."""

@@ -552,9 +552,7 @@ class Trainer:
         lines = [f"# Training report: {self.args.model} on {self.args.dataset}", "",
                  f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
                  f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
-                 f"- solver: lr {self.plan.solver.base_lr}, steps {list(self.plan.solver.steps)}, "
-                 f"momentum {self.plan.solver.momentum}, weight decay {self.plan.solver.weight_decay}, "
-                 f"warm-up {self.plan.solver.warmup_iters}",
+                 _solver_text(self.plan.solver),
                  f"- wall time: {seconds / 60:.1f} min",
                  f"- final loss: {self.history[-1]['loss']:.4f}" if self.history else "- no iterations", ""]
         metrics = {"model": self.args.model, "dataset": self.args.dataset, "iterations": self.iteration,
@@ -573,6 +571,15 @@ class Trainer:
         (self.out / "report.md").write_text("\n".join(lines))
         if self.writer is not None:
             self.writer.close()
+
+
+def _solver_text(s: SolverPreset) -> str:
+    if s.optimizer == "adamw":
+        return (f"- solver: AdamW lr {s.base_lr} (backbone {s.lr_backbone}, sampling offsets and reference points "
+                f"x{s.lr_linear_proj_mult}), weight decay {s.weight_decay}, gradient norm clipped at "
+                f"{s.clip_max_norm}, lr x{s.gamma} at {list(s.steps)}")
+    return (f"- solver: lr {s.base_lr}, steps {list(s.steps)}, momentum {s.momentum}, weight decay {s.weight_decay}, "
+            f"warm-up {s.warmup_iters}")
 
 
 def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path,
