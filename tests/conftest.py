@@ -35,3 +35,35 @@ def require_fixture(relative: str) -> Path:
 def voc_mini() -> Path:
     """``voc2012_mini``: 60 real VOC2012 images, XMLs, detections and expected mAPs."""
     return require_fixture("voc2012_mini")
+
+
+def voc_subset(data_root: Path, count: int) -> list[str]:
+    """The first ``count`` images of ``voc2012_mini``'s val list copied as ``data_root/VOCdevkit/VOC2012`` (split
+    ``val``: dataset ``voc12val`` with ``--data-root data_root``); returns their ids."""
+    import shutil
+
+    mini = require_fixture("voc2012_mini/VOCdevkit/VOC2012")
+    ids = (mini / "ImageSets" / "Main" / "val.txt").read_text().split()[:count]
+    voc = data_root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        shutil.copy(mini / "JPEGImages" / f"{i}.jpg", voc / "JPEGImages")
+        shutil.copy(mini / "Annotations" / f"{i}.xml", voc / "Annotations")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+class FirstImages:
+    """The ground truth of a dataset's first ``count`` images, for ``evaluate_detector`` on a ``Subset``."""
+
+    keep_difficult = True
+
+    def __init__(self, dataset, count: int) -> None:
+        self.dataset, self.count, self.classes = dataset, count, dataset.classes
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get_annotation(self, index: int):
+        return self.dataset.get_annotation(index)

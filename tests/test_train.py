@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import FirstImages
 from toolkit import train as train_mod
 from toolkit.data.shapes import generate_shapes
 from toolkit.engine import EpochSampler
@@ -208,18 +209,8 @@ def test_small_model_overfits_a_few_images(data_root):
         first = loss.item() if first is None else first
     assert loss.item() < 0.25 * first
 
-    class FirstSix:
-        classes = dataset.classes
-        keep_difficult = True
-
-        def __len__(self):
-            return len(subset)
-
-        def get_annotation(self, i):
-            return dataset.get_annotation(i)
-
     loader = DataLoader(subset, batch_size=6, collate_fn=collate_detection)
-    result, _ = evaluate_detector(model, FirstSix(), loader, default_postprocess(7), torch.device("cpu"))
+    result, _ = evaluate_detector(model, FirstImages(dataset, 6), loader, default_postprocess(7), torch.device("cpu"))
     assert result.mAP >= 0.9, result.ap
 
 

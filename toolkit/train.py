@@ -117,7 +117,8 @@ _DETR_SOLVER = SolverPreset(2e-4, (), 0, batch_size=2, weight_decay=1e-4, augmen
                             lr_backbone=2e-5, lr_linear_proj_mult=0.1, clip_max_norm=0.1, epochs=50,
                             step_epochs=(40,))
 SOLVERS.update({name: _DETR_SOLVER for name in DETR_PRESETS})
-_DETR_TINY_SOLVER = replace(_DETR_SOLVER, batch_size=4, epochs=12, step_epochs=(10,))
+# The tiny presets train their backbone from scratch: at the full learning rate.
+_DETR_TINY_SOLVER = replace(_DETR_SOLVER, batch_size=4, epochs=12, step_epochs=(10,), lr_backbone=2e-4)
 SOLVERS["deformable_detr_tiny"] = SOLVERS["sparse_detr_tiny"] = _DETR_TINY_SOLVER
 
 
@@ -295,6 +296,18 @@ class Trainer:
         if args.resume:
             self._resume(self.out / "checkpoint.pth" if args.resume == "auto" else Path(args.resume))
 
+    def _data(self, args, train_base, transform, test_transform, collate, dist_info: DistInfo) -> None:
+        """The training set (optionally cached, augmented per sample), its sampler, the collation and the test set."""
+        if args.cache_images:
+            train_base = InMemoryDataset(train_base, progress=dist_info.is_main and not args.no_progress)
+        self.train_set = AugmentedDataset(train_base, transform, args.seed)
+        self.sampler = EpochSampler(len(train_base), self.plan.solver.batch_size, True, args.seed, dist_info.rank,
+                                    dist_info.world)
+        self.collate = collate
+        self.test_set = None
+        if DATASETS[args.dataset].test is not None:
+            self.test_set = build_dataset(args.dataset, "test", root=args.data_root, transform=test_transform)
+
     def _setup_ssd(self, args, preset: SolverPreset, dist_info: DistInfo):
         """Datasets, transforms, model and loss of the SSD family; returns ``(model, solver)``."""
         spec = INPUTS[args.model]
@@ -320,15 +333,7 @@ class Trainer:
             transform = SSDTrainTransform(size, preprocess, distort=None, expand=None, samplers=SSD_BATCH_SAMPLERS[:1])
         else:
             transform = SSDTrainTransform(size, preprocess, expand=expand)
-        if args.cache_images:
-            train_base = InMemoryDataset(train_base, progress=dist_info.is_main and not args.no_progress)
-        self.train_set = AugmentedDataset(train_base, transform, args.seed)
-        self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
-                                    dist_info.world)
-        self.collate = collate_detection
-        self.test_set = None
-        if DATASETS[args.dataset].test is not None:
-            self.test_set = build_dataset(args.dataset, "test", root=root, transform=SSDTestTransform(size, preprocess))
+        self._data(args, train_base, transform, SSDTestTransform(size, preprocess), collate_detection, dist_info)
         model = build_model(args.model, len(self.classes))
         if args.init_from:
             for note in init_from_checkpoint(model, load_checkpoint(args.init_from), str(args.init_from)):
@@ -357,16 +362,8 @@ class Trainer:
         s = self.plan.solver
         transform = DETRTrainTransform(sizes.train_scales, sizes.max_size, sizes.crop_scales, sizes.crop_min,
                                        sizes.crop_max)
-        if args.cache_images:
-            train_base = InMemoryDataset(train_base, progress=dist_info.is_main and not args.no_progress)
-        self.train_set = AugmentedDataset(train_base, transform, args.seed)
-        self.sampler = EpochSampler(len(train_base), s.batch_size, True, args.seed, dist_info.rank,
-                                    dist_info.world)
-        self.collate = collate_padded
-        self.test_set = None
-        if DATASETS[args.dataset].test is not None:
-            self.test_set = build_dataset(args.dataset, "test", root=root,
-                                          transform=DETRTestTransform(sizes.test_scale, sizes.max_size))
+        self._data(args, train_base, transform, DETRTestTransform(sizes.test_scale, sizes.max_size), collate_padded,
+                   dist_info)
         cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
                             two_stage=args.two_stage)
         from dataclasses import asdict

@@ -50,14 +50,14 @@ def one_line(message: str) -> str:
     return out
 
 
-def atomic_write(path: PathLike, write: Callable) -> int:
+def atomic_write(path: PathLike, write: Callable, error: type[Exception] = CaffeConversionError) -> int:
     """Write ``path`` through ``write(binary file)`` into a temporary file beside it, then rename.
 
     A failed or interrupted write leaves any previous file untouched and no
     partial one.  Returns the size written, in bytes.
 
     Raises:
-        CaffeConversionError: the folder does not exist or is not writable.
+        error (default CaffeConversionError): the folder does not exist or is not writable.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -67,7 +67,7 @@ def atomic_write(path: PathLike, write: Callable) -> int:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise CaffeConversionError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -131,20 +131,10 @@ def write_toolkit_checkpoint(model: DeformableDETR, cfg: DeformableDETRConfig, o
 
     ``classes`` (background first, then one name per logit) default to COCO's names by category id for the
     official 91-way heads (``toolkit.engine.detr_default_classes``)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    from converters.caffe.cli import atomic_write
     from toolkit.engine import detr_default_classes
 
     payload = {"format": TOOLKIT_FORMAT, "model_name": f"{cfg.family}_detr", "config": asdict(cfg),
                "model": model.state_dict(), "classes": list(classes or detr_default_classes(cfg.num_classes)),
                "source": source}
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DETRConversionError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out.stat().st_size
+    return atomic_write(out, lambda f: torch.save(payload, f), error=DETRConversionError)

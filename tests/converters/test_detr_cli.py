@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_fixture
+from conftest import require_fixture, voc_subset
 from converters.detr.__main__ import main
 from detr_fixtures import assert_reproduces, load_official, write_official_checkpoint
 
@@ -99,7 +99,6 @@ def test_a_converted_checkpoint_evaluates_predicts_and_initialises_training(refi
     """The COCO model's 91 class ids are matched to VOC's 20 classes by name (aeroplane = airplane ...) for
     toolkit.evaluate; toolkit.predict names COCO classes; toolkit.train --init-from keeps all but the class heads."""
     import json
-    import shutil
 
     from toolkit import train as train_mod
     from toolkit.evaluate import main as evaluate_main
@@ -107,15 +106,8 @@ def test_a_converted_checkpoint_evaluates_predicts_and_initialises_training(refi
 
     converted = tmp_path / "converted.pth"
     assert main(["convert", str(refine_two_stage), "-o", str(converted)]) == 0
-    mini = require_fixture("voc2012_mini/VOCdevkit/VOC2012")
-    ids = (mini / "ImageSets" / "Main" / "val.txt").read_text().split()[:2]
+    ids = voc_subset(tmp_path / "data", 2)
     voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (voc / sub).mkdir(parents=True)
-    for i in ids:
-        shutil.copy(mini / "JPEGImages" / f"{i}.jpg", voc / "JPEGImages")
-        shutil.copy(mini / "Annotations" / f"{i}.xml", voc / "Annotations")
-    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids) + "\n")
     capsys.readouterr()
     assert evaluate_main(["--checkpoint", str(converted), "--dataset", "voc12val", "--data-root",
                           str(tmp_path / "data"), "--json", str(tmp_path / "map.json")]) == 0

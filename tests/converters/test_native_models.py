@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_fixture
+from conftest import require_fixture, voc_subset
 from converters.caffe import load_caffe_net
 from converters.caffe.cli import caffe_blobs
 from toolkit.data.voc import VOC_CLASSES
@@ -81,22 +81,14 @@ def test_evaluate_and_predict_a_converted_caffe_model(tmp_path, capsys):
     """``toolkit.evaluate --checkpoint OUT.pth --model dsod300`` and ``toolkit.predict --model`` on two
     real VOC images, with the DSOD300 fixture converted by the CLI."""
     import json
-    import shutil
 
     from converters.caffe.__main__ import main as caffe_main
     from toolkit.evaluate import main as evaluate_main
     from toolkit.predict import main as predict_main
 
     root = require_fixture("caffe/dsod300")
-    mini = require_fixture("voc2012_mini/VOCdevkit/VOC2012")
-    ids = (mini / "ImageSets" / "Main" / "val.txt").read_text().split()[:2]
+    ids = voc_subset(tmp_path / "data", 2)
     voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (voc / sub).mkdir(parents=True)
-    for i in ids:
-        shutil.copy(mini / "JPEGImages" / f"{i}.jpg", voc / "JPEGImages")
-        shutil.copy(mini / "Annotations" / f"{i}.xml", voc / "Annotations")
-    (voc / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids) + "\n")
 
     converted = tmp_path / "dsod300.pth"
     assert caffe_main(["convert", str(root / "deploy.prototxt"), str(root / "random_init.caffemodel"),

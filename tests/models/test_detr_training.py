@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from conftest import FirstImages
 from toolkit.data import build_dataset
 from toolkit.data.detr_transforms import DETRTestTransform, collate_padded
 from toolkit.data.shapes import generate_shapes
@@ -97,17 +98,8 @@ def test_small_models_overfit_a_few_images(family, four_images):
         first = loss.item() if first is None else first
     assert loss.item() < 0.2 * first
 
-    class FirstFour:
-        classes = dataset.classes
-        keep_difficult = True
-
-        def __len__(self):
-            return 4
-
-        def get_annotation(self, i):
-            return dataset.get_annotation(i)
-
     model.eval()
     loader = DataLoader(subset, batch_size=4, collate_fn=collate_padded)
-    result, _ = evaluate_detector(model, FirstFour(), loader, None, torch.device("cpu"), predict_fn=detr_predict)
+    result, _ = evaluate_detector(model, FirstImages(dataset, 4), loader, None, torch.device("cpu"),
+                                  predict_fn=detr_predict)
     assert result.mAP >= 0.9, result.ap

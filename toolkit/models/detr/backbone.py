@@ -31,19 +31,26 @@ class ResNetBody(nn.Module):
     """A torchvision ResNet with ``FrozenBatchNorm2d`` (eps 1e-5, statistics and affine frozen), returning C3-C5
     (strides 8, 16, 32) or C5 alone.
 
+    Frozen batch norm and a frozen stem suit an ImageNet-pretrained backbone (the
+    official setting).  A backbone trained from scratch (no weights can be
+    downloaded here) needs its normalization to learn: ``from_scratch`` uses
+    ``BatchNorm2d`` and trains every layer.
+
     Args:
         name: ``resnet50`` or ``resnet101`` (any torchvision ResNet with bottleneck blocks).
         multi_scale: return C3, C4, C5 (else C5 only).
         dilation: replace C5's stride with dilation (stride 16).
-        train_backbone: leave C2-C5's parameters trainable (the stem and C1 are always frozen, as officially).
+        train_backbone: leave C2-C5's parameters trainable (the stem and C1 are frozen, as officially).
+        from_scratch: ``BatchNorm2d`` and every layer trainable (no pretrained weights).
         weights: a local torchvision ResNet state dict file to start from (nothing is downloaded).
     """
 
     def __init__(self, name: str = "resnet50", multi_scale: bool = True, dilation: bool = False,
-                 train_backbone: bool = True, weights: Optional[str | os.PathLike] = None) -> None:
+                 train_backbone: bool = True, weights: Optional[str | os.PathLike] = None,
+                 from_scratch: bool = False) -> None:
         super().__init__()
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                   norm_layer=FrozenBatchNorm2d)
+                                                   norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             missing, unexpected = resnet.load_state_dict(state, strict=False)
@@ -51,7 +58,8 @@ class ResNetBody(nn.Module):
             if missing:
                 raise ValueError(f"{weights}: not a torchvision {name} state dict (missing {missing[:5]} ...)")
         for pname, parameter in resnet.named_parameters():
-            if not train_backbone or not any(layer in pname for layer in ("layer2", "layer3", "layer4")):
+            trainable = from_scratch or any(layer in pname for layer in ("layer2", "layer3", "layer4"))
+            if not train_backbone or not trainable:
                 parameter.requires_grad_(False)
         if multi_scale:
             layers = {"layer2": "0", "layer3": "1", "layer4": "2"}

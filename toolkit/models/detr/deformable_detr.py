@@ -48,6 +48,8 @@ class DeformableDETRConfig:
     num_classes: int = 91
     backbone: str = "resnet50"
     dilation: bool = False
+    # Not an official argument: BatchNorm2d and a fully trainable ResNet, for training without pretrained weights.
+    backbone_from_scratch: bool = False
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -97,7 +99,10 @@ class DeformableDETRConfig:
             raise ValueError(f"unsupported official arguments: {', '.join(unsupported)}")
         known = {f.name for f in fields(cls)}
         family = "sparse" if "rho" in args else "deformable"  # Sparse DETR's main.py has rho, Deformable DETR's not
-        values = {k: v for k, v in args.items() if k in known and k not in ("num_classes", "family")}
+        # (Sparse DETR's own backbone_from_scratch argument means something else: how its run initialised a
+        # backbone whose weights the checkpoint holds anyway.)
+        values = {k: v for k, v in args.items() if k in known and k not in ("num_classes", "family",
+                                                                             "backbone_from_scratch")}
         return cls(**values, num_classes=num_classes, family=family)
 
 
@@ -238,7 +243,8 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
     """A Deformable or Sparse DETR of ``cfg`` (empty backbone unless ``backbone_weights`` names a local
     torchvision file)."""
     body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
-                      train_backbone=train_backbone, weights=backbone_weights)
+                      train_backbone=train_backbone, weights=backbone_weights,
+                      from_scratch=cfg.backbone_from_scratch and backbone_weights is None)
     backbone = Joiner(body, SinePositionEncoding(cfg.hidden_dim // 2))
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                                         cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,
