@@ -767,7 +767,8 @@ def evaluate_dataset(
     """AP of a Caffe detector on a dataset, through ``toolkit.evaluation``.
 
     The dataset is one that ``toolkit.train`` accepts (``voc07``, ``coco``,
-    ``shapes``, ``lmdb:PATH,...``), its ``split``, read with the net's
+    ``shapes``, ``lmdb:PATH,...``; an LMDB named without ``test=`` is itself
+    the test set), its ``split``, read with the net's
     preprocessing (:meth:`Preprocessing.transform`).  Detections are matched to
     the dataset's classes by name (:func:`match_classes`), taken to pixels of the
     original image (clipped to it, as ``toolkit.evaluate`` does) and scored with
@@ -784,6 +785,18 @@ def evaluate_dataset(
     from toolkit.data.transforms import collate_detection
     from toolkit.engine import evaluate_predictions, to_image_pixels
 
+    notes: list[str] = []
+    if split == "test" and dataset_name.startswith("lmdb:"):
+        from toolkit.data import parse_lmdb_spec
+
+        try:
+            spec = parse_lmdb_spec(dataset_name)
+        except (KeyError, ValueError) as exc:
+            raise CaffeConversionError(f"dataset {dataset_name!r}: {exc}") from None
+        if spec.test is None:
+            # An LMDB named alone is the set to evaluate (a test LMDB, as SSD's create_data.sh writes them).
+            split = "train"
+            notes.append(f"{dataset_name} names one LMDB (no ',test=PATH'): evaluating its records")
     try:
         dataset = build_dataset(dataset_name, split, root=data_root, transform=loaded.preprocessing.transform())
     except (KeyError, ValueError, DatasetError) as exc:  # a bad name, a missing folder or list
@@ -792,7 +805,8 @@ def evaluate_dataset(
     params = loaded.detector.layer.params
     mapping, extra = match_classes(loaded.classes.names, params.background_label_id, dataset.classes,
                                    loaded.classes.source, dataset_name)
-    notes = [f"net classes not in the dataset, their detections left out: {extra}"] if extra else []
+    if extra:
+        notes.append(f"net classes not in the dataset, their detections left out: {extra}")
     lookup = np.full(max(params.num_classes, 1), -1, dtype=np.int64)
     for label, j in mapping.items():
         lookup[label] = j

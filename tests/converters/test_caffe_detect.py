@@ -300,10 +300,12 @@ def test_evaluate_dsod300_on_the_lmdb_fixture(dsod300_checkpoint, tmp_path, caps
     expected = evaluate_voc(gt, detections_from_predictions(renamed, classes), classes, "voc07")
     assert r.result.ap == pytest.approx(expected.ap) and r.result.mAP == pytest.approx(expected.mAP)
 
-    # The command line gives the same figures, in batches of another size and through loader processes.
-    code, out, err = cli(capsys, "evaluate", dsod300_checkpoint, "--dataset", name, "--split", "train",
+    # The command line gives the same figures, in batches of another size and through loader processes; an LMDB
+    # named without test= is itself the set evaluated.
+    code, out, err = cli(capsys, "evaluate", dsod300_checkpoint, "--dataset", name,
                          "--batch-size", "3", "--workers", "1", "--json", tmp_path / "ap.json")
     assert code == 0, err
+    assert "evaluating its records" in err
     assert json.loads((tmp_path / "ap.json").read_text())["ap"] == pytest.approx(expected.ap)
 
 
