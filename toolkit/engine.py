@@ -208,6 +208,15 @@ def predict(model: torch.nn.Module, images: torch.Tensor, params: DetectionOutpu
     return detection_output(out["loc"].float().cpu(), probs.cpu(), out["priors"].cpu(), out["variances"].cpu(), params)
 
 
+def predict_batch(model: torch.nn.Module, inputs, device: torch.device, predict_fn: Optional[Callable] = None,
+                  params: Optional[DetectionOutputParams] = None) -> list[dict]:
+    """One batch's detections (boxes normalized xyxy): ``predict_fn(model, inputs, device)`` for families with
+    their own post-processing (DETR: ``inputs = (images, mask)``), else the SSD post-processing with ``params``."""
+    if predict_fn is not None:
+        return predict_fn(model, inputs, device)
+    return predict(model, inputs.to(device), params)
+
+
 def to_image_pixels(detections: dict, orig_hw: Sequence[int]) -> dict:
     """Normalized boxes → continuous pixels of the original image (clipped to it)."""
     h, w = int(orig_hw[0]), int(orig_hw[1])
@@ -245,10 +254,7 @@ def evaluate_detector(
     model.eval()
     predictions = []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        if predict_fn is not None:
-            dets = predict_fn(model, images, device)
-        else:
-            dets = predict(model, images.to(device), params)
+        dets = predict_batch(model, images, device, predict_fn, params)
         for d, t in zip(dets, targets):
             p = to_image_pixels(d, t["orig_size"].tolist())
             p["image_id"] = t["image_id"]
@@ -409,10 +415,7 @@ def inference_setup(model_name: str, num_classes: int) -> InferenceSetup:
 def relabel(predict_fn: Optional[Callable], params, mapping: dict[int, int]) -> Callable:
     """A ``predict_fn`` whose labels go through ``mapping`` (model label -> dataset label); others dropped."""
     def run(model, inputs, device):
-        if predict_fn is not None:
-            dets = predict_fn(model, inputs, device)
-        else:
-            dets = predict(model, inputs.to(device), params)
+        dets = predict_batch(model, inputs, device, predict_fn, params)
         out = []
         for d in dets:
             labels = torch.tensor([mapping.get(int(v), -1) for v in d["labels"]], dtype=torch.int64)

@@ -24,8 +24,8 @@ import torch
 from toolkit.data.errors import DatasetError, ImageReadError
 from toolkit.data.labelmap import read_labelmap
 from toolkit.data.voc import VOC_CLASSES, read_image_bgr
-from toolkit.engine import (inference_setup, is_converted_checkpoint, model_from_checkpoint, predict, read_checkpoint,
-                            to_image_pixels)
+from toolkit.engine import (inference_setup, is_converted_checkpoint, model_from_checkpoint, predict_batch,
+                            read_checkpoint, to_image_pixels)
 from toolkit.evaluation.report import write_json
 from toolkit.visualize import draw_detections
 
@@ -71,10 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
         inputs, _ = setup.collate([setup.transform(image, empty)])
-        if setup.predict_fn is not None:
-            det = setup.predict_fn(model, inputs, device)[0]
-        else:
-            det = predict(model, inputs.to(device), setup.params)[0]
+        det = predict_batch(model, inputs, device, setup.predict_fn, setup.params)[0]
         det = to_image_pixels(det, image.shape[:2])
         keep = det["scores"] >= args.score_threshold
         boxes, scores, labels = (det[k][keep].numpy() for k in ("boxes", "scores", "labels"))
