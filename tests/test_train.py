@@ -327,3 +327,24 @@ def test_detr_training_resumes_exactly_and_its_checkpoint_evaluates_and_predicts
     records = json.loads((tmp_path / "pred" / "detections.json").read_text())["detections"]
     assert len(records[0]["scores"]) == 100  # the top-100 (query, class) pairs
     assert set(records[0]["classes"]) <= {"circle", "square", "triangle", "star", "hexagon", "cross"}
+
+
+def test_detr_trains_under_amp_with_its_learning_rate_flags(data_root, tmp_path):
+    """--amp on a DETR (bfloat16 autocast on the CPU; the matcher and criterion run in float32 on the cast outputs)
+    trains with finite losses; --lr keeps the backbone's ratio to the base rate, --lr-backbone sets it."""
+    out = tmp_path / "amp"
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_tiny", "--data-root", str(data_root),
+                           "--out", str(out), "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2",
+                           "--amp", "--lr", "1e-4", "--lr-backbone", "3e-5"]) == 0
+    history = _history(out)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    groups = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([1e-4, 3e-5, 1e-5])  # rest, backbone, offsets x0.1
+
+    solver = train_mod.SOLVERS["deformable_detr"]  # official: lr 2e-4, backbone 2e-5
+    args = train_mod.get_args_parser().parse_args(["--model", "deformable_detr", "--lr", "1e-4"])
+    plan = train_mod.resolve_plan(args, solver, train_len=100, world=1)
+    assert (plan.solver.base_lr, plan.solver.lr_backbone) == pytest.approx((1e-4, 1e-5))
+    args = train_mod.get_args_parser().parse_args(["--model", "dsod_tiny", "--lr-backbone", "1e-3"])
+    with pytest.raises(ValueError, match="--lr-backbone"):
+        train_mod.resolve_plan(args, train_mod.SOLVERS["dsod_tiny"], train_len=100, world=1)

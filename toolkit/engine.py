@@ -358,8 +358,20 @@ def model_from_checkpoint(ckpt: dict, path, model_name: str, classes: Optional[S
         return model.to(device).eval(), classes, model_name
     classes = tuple(ckpt["classes"])
     model = build_model(model_name, len(classes))
+    thumbnail = ckpt.get("thumbnail")
+    if thumbnail and thumbnail.get("scale", 1) > 1:  # a ThumbDet student of the SSD family (toolkit.train --distill)
+        add_ssd_thumbnail(model, model_name, thumbnail["scale"], thumbnail["mode"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), classes, model_name
+
+
+def add_ssd_thumbnail(model, model_name: str, scale: int, mode: str):
+    """:func:`toolkit.models.build.add_thumbnail` with the preset's own Caffe preprocessing (``INPUTS``)."""
+    from toolkit.data.transforms import PREPROCESS_PRESETS
+    from toolkit.models.build import INPUTS, add_thumbnail
+
+    pre = PREPROCESS_PRESETS[INPUTS[model_name].preprocess]
+    return add_thumbnail(model, scale, mode, pre.mean_bgr, pre.scale, pre.channel_order)
 
 
 DETR_CHECKPOINT_FORMAT = "legacy-det/detr/1"  # what python -m converters.detr convert writes

@@ -9,6 +9,9 @@
 
 For every image, ``<out>/<stem>.png`` shows the boxes with class and score, and
 ``<out>/detections.json`` lists ``{"image", "boxes" (xyxy pixels), "scores", "labels", "classes"}``.
+With ``--save-thumbnails``, a ThumbDet student (``toolkit.train --distill thumbdet``,
+or a converted official ThumbDet checkpoint) also writes ``<out>/<stem>_thumbnail.png``:
+the image its detector sees, made from the full-size input by its down-sampler.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from toolkit.data.voc import VOC_CLASSES, read_image_bgr
 from toolkit.engine import (inference_setup, is_converted_checkpoint, model_from_checkpoint, predict_batch,
                             read_checkpoint, to_image_pixels)
 from toolkit.evaluation.report import write_json
+from toolkit.models.thumbnail import find_thumbnailer
 from toolkit.visualize import draw_detections
 
 
@@ -43,6 +47,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "names 'convert --labelmap' stored, else VOC's 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections above this score (default 0.3)")
+    p.add_argument("--save-thumbnails", action="store_true",
+                   help="a thumbnail model (ThumbDet): also write <stem>_thumbnail.png, the down-sampled image its "
+                        "detector sees")
     return p
 
 
@@ -61,6 +68,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup = inference_setup(name, len(classes))
+    thumbnailer = find_thumbnailer(model)
+    if args.save_thumbnails and thumbnailer is None:
+        print(f"error: {args.checkpoint}: --save-thumbnails needs a thumbnail model (toolkit.train --distill "
+              "thumbdet); this one sees the full image", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for path in args.images:
@@ -77,6 +89,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         boxes, scores, labels = (det[k][keep].numpy() for k in ("boxes", "scores", "labels"))
         drawn = draw_detections(image, boxes, scores, labels, classes)
         cv2.imwrite(str(args.out / f"{path.stem}.png"), drawn)
+        if args.save_thumbnails:
+            images = inputs[0] if isinstance(inputs, (tuple, list)) else inputs  # DETR: (images, mask), unpadded
+            with torch.no_grad():
+                thumb = thumbnailer(images.to(device))["downsample_input"][0]
+            pixels = (thumb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).flip(-1).cpu().numpy()  # RGB -> BGR
+            cv2.imwrite(str(args.out / f"{path.stem}_thumbnail.png"), pixels)
         records.append({"image": str(path), "boxes": boxes.round(2).tolist(), "scores": scores.round(4).tolist(),
                         "labels": labels.tolist(), "classes": [classes[int(i)] for i in labels]})
         print(f"{path}: {len(scores)} detection(s) >= {args.score_threshold}")

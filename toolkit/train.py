@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,9 +63,11 @@ from toolkit.engine import (
     EpochSampler,
     InMemoryDataset,
     NonFiniteLossError,
+    add_ssd_thumbnail,
     evaluate_detector,
     init_distributed,
     keep_freed_memory,
+    load_trained_model,
     normalized_targets,
     pr_curves,
 )
@@ -73,6 +76,7 @@ from toolkit.models.build import INPUTS, MODELS, build_model, default_postproces
 from toolkit.models.caffe_import import init_from_checkpoint
 from toolkit.models.detr.training import DETR_PRESETS
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
+from toolkit.models.thumbnail import find_thumbnailer
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help="train this many epochs (steps scaled)")
     g.add_argument("--iters", type=int, help="train this many iterations (steps scaled)")
-    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--lr", type=float, help="base learning rate (DETR: the backbone's rate keeps its ratio "
+                   "to it)")
+    p.add_argument("--lr-backbone", type=float, help="DETR: the backbone's learning rate (default: the preset's, "
+                   "scaled with --lr)")
     p.add_argument("--steps", type=int, nargs="*", help="multistep milestones (iterations)")
     p.add_argument("--gamma", type=float, help="multistep factor")
     p.add_argument("--momentum", type=float)
@@ -165,6 +172,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "through the model's rename table) or a toolkit.train checkpoint; a confidence head for "
                         "another number of classes is left at its initialisation")
     p.add_argument("--resume", nargs="?", const="auto", help="checkpoint to resume (default: <out>/checkpoint.pth)")
+    d = p.add_argument_group("distillation (ThumbDet: a student that sees a thumbnail, taught by a full-size teacher)")
+    d.add_argument("--distill", choices=("thumbdet",),
+                   help="thumbdet: the student (--model, started from the teacher's weights) sees a --thumb-scale "
+                        "times smaller image; the first --downsample-phase of the run trains the down-sampler alone "
+                        "(down-sample loss), the rest the whole student with the task loss, KD and FM")
+    d.add_argument("--teacher", type=Path, help="the full-size teacher: a toolkit.train checkpoint of the same "
+                                                "--model (DETR: or a converters.detr checkpoint)")
+    d.add_argument("--thumb-scale", type=int, choices=(1, 2, 4), default=4,
+                   help="thumbnail scale (default 4, ThumbDet's; 1: the full-size model with the same schedule)")
+    d.add_argument("--thumb-mode", choices=("learned", "bicubic"), default="learned",
+                   help="learned: ThumbDet's down-sampler; bicubic: the baseline (nothing to learn: the down-sampler "
+                        "phase is skipped)")
+    d.add_argument("--downsample-phase", type=float, default=0.1,
+                   help="share of the iterations that train the down-sampler alone (default 0.1: the paper's 5 of 50 "
+                        "epochs)")
+    d.add_argument("--downsample-weight", type=float, default=1.0, help="down-sample loss weight (default 1)")
+    d.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
+    d.add_argument("--fm-weight", type=float, default=0.1, help="feature-map loss weight (default 0.1)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N iterations (0: every epoch)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,6 +213,12 @@ def resolve_plan(args, solver: SolverPreset, train_len: int, world: int) -> Plan
                                              "warmup_iters") if getattr(args, k) is not None}
     if args.lr is not None:
         fields["base_lr"] = args.lr
+        # The DETR recipes' backbone rate keeps its ratio to the base rate (official: 2e-5 for 2e-4).
+        fields["lr_backbone"] = solver.lr_backbone * args.lr / solver.base_lr
+    if args.lr_backbone is not None:
+        if solver.optimizer != "adamw":
+            raise ValueError("--lr-backbone applies to the DETR family's recipes")
+        fields["lr_backbone"] = args.lr_backbone
     solver = replace(solver, **fields)
     iters_per_epoch = train_len // (solver.batch_size * solver.accum * world)
     if iters_per_epoch < 1:
@@ -242,6 +273,17 @@ def _jsonable_args(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def _float_tree(value):
+    """Nested dicts / lists / tuples of tensors with every floating tensor cast to float32 (autocast outputs)."""
+    if isinstance(value, dict):
+        return {k: _float_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_float_tree(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+        return value.float()
+    return value
+
+
 # ----------------------------------------------------------------------------- run
 class Trainer:
     def __init__(self, args, dist_info: DistInfo) -> None:
@@ -257,10 +299,15 @@ class Trainer:
             raise KeyError(f"no solver preset for model {args.model!r}")
         self.is_detr = args.model in DETR_PRESETS
         self.model_config = None
+        if args.distill is None and args.teacher is not None:
+            raise ValueError("--teacher needs --distill thumbdet")
+        if args.distill and args.init_from:
+            raise ValueError("--distill thumbdet starts the student from the teacher's weights: drop --init-from")
         if self.is_detr:
             model, s = self._setup_detr(args, preset, dist_info)
         else:
             model, s = self._setup_ssd(args, preset, dist_info)
+        self._setup_distill(args, model)
         model = model.to(self.device)
         if args.sync_bn:
             if self.device.type != "cuda":
@@ -271,7 +318,8 @@ class Trainer:
         self.model = model
         self.ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.is_detr,
+            # DETR: heads some steps leave out; ThumbDet's first phase trains the down-sampler alone.
+            find_unused_parameters=self.is_detr or self.teacher is not None,
         ) if dist_info.enabled else model
         if s.optimizer == "adamw":
             from toolkit.models.detr.training import param_groups
@@ -295,6 +343,17 @@ class Trainer:
             self.writer = SummaryWriter(str(self.out / "tb"))
         if args.resume:
             self._resume(self.out / "checkpoint.pth" if args.resume == "auto" else Path(args.resume))
+        if self.teacher is not None and not self.learns_thumbnail and self.iteration == 0 and self.phase1_iters:
+            # Bicubic thumbnails and the full-size model have no down-sampler to train: they start where the learned
+            # thumbnail's second phase starts, with the same learning rate and the same batches from then on.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(self.phase1_iters):
+                    self.scheduler.step()
+            self.iteration = self.phase1_iters
+            if dist_info.is_main:
+                print(f"--thumb-scale {args.thumb_scale} --thumb-mode {args.thumb_mode}: no down-sampler to train; "
+                      f"starting at iteration {self.iteration}, where the learned thumbnail's second phase starts")
 
     def _data(self, args, train_base, transform, test_transform, collate, dist_info: DistInfo) -> None:
         """The training set (optionally cached, augmented per sample), its sampler, the collation and the test set."""
@@ -335,6 +394,8 @@ class Trainer:
             transform = SSDTrainTransform(size, preprocess, expand=expand)
         self._data(args, train_base, transform, SSDTestTransform(size, preprocess), collate_detection, dist_info)
         model = build_model(args.model, len(self.classes))
+        if args.distill == "thumbdet":
+            add_ssd_thumbnail(model, args.model, args.thumb_scale, args.thumb_mode)
         if args.init_from:
             for note in init_from_checkpoint(model, load_checkpoint(args.init_from), str(args.init_from)):
                 if dist_info.is_main:
@@ -366,6 +427,8 @@ class Trainer:
                    dist_info)
         cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
                             two_stage=args.two_stage)
+        if args.distill == "thumbdet":
+            cfg = replace(cfg, thumb_scale=args.thumb_scale, thumb_mode=args.thumb_mode)
         from dataclasses import asdict
 
         self.model_config = asdict(cfg)
@@ -392,6 +455,48 @@ class Trainer:
         self.loss_keys = ("loss", "loss_ce", "loss_bbox", "loss_giou")
         return model, s
 
+    def _setup_distill(self, args, model) -> None:
+        """ThumbDet: the frozen full-size teacher, the student started from its weights, the two phases.
+
+        As in the official code (``main.py`` builds the teacher as the student itself and loads the full-size
+        checkpoint into it), the student starts from the teacher's weights; its down-sampler starts at its
+        initialisation.  Here the teacher is a separate copy, frozen: no gradients, eval mode.
+        """
+        self.teacher = None
+        self.learns_thumbnail = False
+        self.phase1_iters = 0
+        if args.distill is None:
+            return
+        if args.teacher is None:
+            raise ValueError("--distill thumbdet needs --teacher CKPT: the full-size model the student learns from")
+        if not 0.0 <= args.downsample_phase < 1.0:
+            raise ValueError(f"--downsample-phase must be in [0, 1), got {args.downsample_phase}")
+        teacher, classes, _ = load_trained_model(args.teacher, "cpu", model_name=None if self.is_detr else args.model)
+        if list(classes) != list(self.classes):
+            raise ValueError(f"{args.teacher}: the teacher's classes {list(classes)} are not the dataset's "
+                             f"{list(self.classes)}")
+        if find_thumbnailer(teacher) is not None:
+            raise ValueError(f"{args.teacher}: the teacher sees a thumbnail itself; give the full-size model")
+        own, theirs = model.state_dict(), teacher.state_dict()
+        missing = [k for k in own if k not in theirs and "down_sample." not in k]
+        unexpected = [k for k in theirs if k not in own]
+        misshapen = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                     if k in theirs and theirs[k].shape != own[k].shape]
+        if missing or unexpected or misshapen:
+            problems = [f"{len(keys)} {what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                           ("of another shape", misshapen)) if keys]
+            raise ValueError(f"{args.teacher}: not a full-size {args.model} for this student ({'; '.join(problems)})")
+        model.load_state_dict(theirs, strict=False)
+        teacher.requires_grad_(False)
+        if args.channels_last and not self.is_detr:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher.to(self.device).eval()
+        thumbnailer = find_thumbnailer(model)
+        self.learns_thumbnail = thumbnailer is not None and thumbnailer.mode == "learned"
+        self.phase1_iters = round(args.downsample_phase * self.plan.total_iters)
+        self.loss_keys = (*self.loss_keys, "loss_downsample", "loss_kd", "loss_fm")
+
     # -- state
     def state(self) -> dict:
         return {
@@ -408,6 +513,9 @@ class Trainer:
             "classes": list(self.classes),
             "args": _jsonable_args(self.args),
             "model_config": self.model_config,
+            # A ThumbDet student's thumbnail: toolkit.evaluate and toolkit.predict rebuild it.
+            "thumbnail": ({"scale": self.args.thumb_scale, "mode": self.args.thumb_mode}
+                          if self.args.distill == "thumbdet" else None),
         }
 
     def _resume(self, path: Path) -> None:
@@ -440,42 +548,74 @@ class Trainer:
                           num_workers=self.args.workers, collate_fn=self.collate,
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
-    def _micro_step(self, images, targets: list[dict], scale: float) -> dict:
-        if self.is_detr:
-            return self._detr_micro_step(images, targets, scale)
+    def _forward(self, model, inputs) -> dict:
+        """One forward pass of ``model`` (the student through DDP, or the teacher) on a batch, under autocast with
+        --amp; every floating output in float32 (the losses' precision)."""
         autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=self.args.amp):
-            images = images.to(self.device, non_blocking=True)
-            if self.args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            out = self.ddp(images)
-        norm_targets = normalized_targets(targets, tuple(images.shape[-2:]), self.device)
-        losses = self.criterion(out["loc"].float(), out["conf"].float(), out["priors"], out["variances"], norm_targets)
-        if not torch.isfinite(losses["loss"]):
-            raise NonFiniteLossError(
-                f"non-finite loss {losses['loss'].item()} at iteration {self.iteration + 1} "
-                f"(loss_box {losses['loss_box'].item()}, loss_cls {losses['loss_cls'].item()}); "
-                f"the last good checkpoint in {self.out} was kept"
-            )
-        self.scaler.scale(losses["loss"] * scale).backward()
+            if self.is_detr:
+                images, mask = inputs
+                out = model(images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+            else:
+                images = inputs.to(self.device, non_blocking=True)
+                if self.args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                out = model(images)
+        return _float_tree(out)
+
+    def _task_losses(self, out: dict, inputs, targets: list[dict]) -> dict:
+        """The detector's own loss: ``{"loss": weighted total, <components>}``."""
+        if self.is_detr:
+            from toolkit.models.detr.training import detr_targets
+
+            losses = self.criterion(out, detr_targets(targets, self.device))
+            return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.loss_keys[1:4]}}
+        norm_targets = normalized_targets(targets, tuple(inputs.shape[-2:]), self.device)
+        return self.criterion(out["loc"], out["conf"], out["priors"], out["variances"], norm_targets)
+
+    def _distill_losses(self, out: dict, inputs, phase1: bool) -> dict:
+        """ThumbDet's terms (unweighted): the down-sample loss (learned thumbnails), and after the first phase KD and
+        FM against the frozen teacher on the full-size batch."""
+        from toolkit.distill.thumbdet import downsample_loss, fm_loss, kd_loss, ssd_kd_loss
+
+        zero = torch.zeros((), device=self.device)
+        losses = {"loss_downsample": zero, "loss_kd": zero, "loss_fm": zero}
+        if self.learns_thumbnail:
+            losses["loss_downsample"] = downsample_loss(out["src_input"], out["downsample_input"])
+        if phase1:
+            return losses
+        with torch.no_grad():
+            teacher = self._forward(self.teacher, inputs)
+        if self.is_detr:
+            losses["loss_kd"] = kd_loss(out["pred_logits"], teacher["pred_logits"])
+            losses["loss_fm"] = fm_loss(out["srcs"], teacher["srcs"])
+        else:
+            losses["loss_kd"] = ssd_kd_loss(out["conf"], teacher["conf"], [s.shape[-2:] for s in out["sources"]],
+                                            [s.shape[-2:] for s in teacher["sources"]],
+                                            self.model.prior_generator.num_priors_per_cell())
+            losses["loss_fm"] = fm_loss(out["sources"], teacher["sources"])
         return losses
 
-    def _detr_micro_step(self, inputs, targets: list[dict], scale: float) -> dict:
-        from toolkit.models.detr.training import detr_targets
-
-        images, mask = inputs
-        autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=self.args.amp):
-            out = self.ddp(images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
-        losses = self.criterion(out, detr_targets(targets, self.device))
-        total = self.criterion.total_loss(losses)
+    def _micro_step(self, inputs, targets: list[dict], scale: float) -> dict:
+        """Forward, losses and backward of one micro-batch; returns every logged loss as a tensor."""
+        phase1 = self.teacher is not None and self.learns_thumbnail and self.iteration < self.phase1_iters
+        out = self._forward(self.ddp, inputs)
+        zero = torch.zeros((), device=self.device)
+        # ThumbDet's first phase: the down-sample loss alone (the official criterion before DOWN_SAMPLE_EPOCH).
+        losses = dict.fromkeys(self.loss_keys, zero) if phase1 else self._task_losses(out, inputs, targets)
+        total = zero if phase1 else losses["loss"]
+        if self.teacher is not None:
+            extra = self._distill_losses(out, inputs, phase1)
+            losses.update(extra)
+            total = total + sum(getattr(self.args, k[len("loss_"):] + "_weight") * v for k, v in extra.items())
+            losses["loss"] = total
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"non-finite loss {total.item()} at iteration {self.iteration + 1} "
                 f"({', '.join(f'{k} {losses[k].item():.4g}' for k in self.loss_keys[1:])}); "
                 f"the last good checkpoint in {self.out} was kept")
         self.scaler.scale(total * scale).backward()
-        return {"loss": total, **{k: losses[k] for k in self.loss_keys[1:]}}
+        return losses
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -550,6 +690,11 @@ class Trainer:
                  f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
                  f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
                  _solver_text(self.plan.solver),
+                 *([f"- distillation: ThumbDet from {self.args.teacher}, thumbnail {self.args.thumb_mode} "
+                    f"{self.args.thumb_scale}x, down-sampler alone for the first {self.phase1_iters} iterations"
+                    f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}; weights down-sample "
+                    f"{self.args.downsample_weight}, KD {self.args.kd_weight}, FM {self.args.fm_weight}"]
+                   if self.teacher is not None else []),
                  f"- wall time: {seconds / 60:.1f} min",
                  f"- final loss: {self.history[-1]['loss']:.4f}" if self.history else "- no iterations", ""]
         metrics = {"model": self.args.model, "dataset": self.args.dataset, "iterations": self.iteration,

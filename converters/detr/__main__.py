@@ -12,13 +12,16 @@ loads every key and writes a toolkit checkpoint.  ``run`` feeds ``images``
 official or toolkit checkpoint and writes every output under the official names
 (``pred_logits``, ``pred_boxes``, ``aux_<i>_pred_*``, ``enc_pred_*``, and Sparse DETR's
 ``enc_aux_<i>_pred_*``, ``backbone_mask_prediction``, ``sparse_token_nums``,
-``backbone_topk_proposals``).  Errors
+``backbone_topk_proposals``; ThumbDet's ``downsample_input`` and ``srcs_<l>``).  The images
+are what the official model takes: RGB normalized with the ImageNet mean and std,
+except for ThumbDet models: RGB in [0, 1] (their backbone normalizes the thumbnail).  Errors
 are one ``error: ...`` line naming the file and the keys, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,12 +35,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = _Parser(PROG, description="Official Deformable DETR and Sparse DETR checkpoints as toolkit models: "
-                                       "convert, run.")
+    parser = _Parser(PROG, description="Official Deformable DETR, Sparse DETR and ThumbDet checkpoints as toolkit "
+                                       "models: convert, run.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("convert", help="an official checkpoint -> a toolkit checkpoint",
-                       description="Read an official Deformable DETR or Sparse DETR checkpoint ({'model', 'args', "
+                       description="Read an official Deformable DETR, Sparse DETR or ThumbDet checkpoint ({'model', "
+                                   "'args', "
                                    "...}) without unpickling arbitrary objects, build the architecture its args "
                                    "describe, load "
                                    "every key, and write a toolkit checkpoint.")
@@ -46,10 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
     p = sub.add_parser("run", help="one forward pass on images from an .npz; every output under the official names",
                        description="Feed IN.npz's 'images' (N, 3, H, W; RGB normalized with the ImageNet mean and "
-                                   "std) and 'mask' (N, H, W; True on padding; optional) to the model and write "
+                                   "std; for ThumbDet models RGB in [0, 1], as the official models take them) and "
+                                   "'mask' (N, H, W; True on padding; optional) to the model and write "
                                    "its outputs: pred_logits, pred_boxes (cxcywh normalized), aux_<i>_pred_*, "
-                                   "enc_pred_* for two-stage models, and Sparse DETR's enc_aux_<i>_pred_*, "
-                                   "backbone_mask_prediction, sparse_token_nums, backbone_topk_proposals.")
+                                   "enc_pred_* for two-stage models, Sparse DETR's enc_aux_<i>_pred_*, "
+                                   "backbone_mask_prediction, sparse_token_nums, backbone_topk_proposals, and "
+                                   "ThumbDet's downsample_input (the thumbnail) and srcs_<l> (backbone features).")
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="an official or a converted checkpoint")
     p.add_argument("--input", type=Path, required=True, metavar="IN.npz")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.npz")
@@ -70,6 +76,8 @@ def _convert(args) -> int:
                ("eff_specific_head", cfg.eff_specific_head))
     kind = "+".join(k for k, on in options if on)
     name = "Sparse DETR" if cfg.family == "sparse" else "Deformable DETR"
+    if cfg.thumb_scale > 1:
+        name = f"ThumbDet {cfg.thumb_scale}x ({cfg.thumb_mode} thumbnail) on {name}"
     print(f"converted {args.checkpoint} -> {args.out} ({size / 2**20:.1f} MiB)")
     print(f"  {name}{' (' + kind + ')' if kind else ''}: {cfg.backbone}, {cfg.num_feature_levels} levels, "
           f"{cfg.enc_layers}+{cfg.dec_layers} layers, {cfg.num_queries} queries, {cfg.num_classes} classes; "
@@ -101,8 +109,13 @@ def _run(args) -> int:
     model, cfg, _ = model_from_checkpoint(args.checkpoint)
     dtype = torch.float64 if args.float64 else torch.float32
     model = model.to(dtype)
+    x = torch.from_numpy(images).to(dtype)
+    if cfg.thumb_scale > 1:
+        # ThumbDet takes [0, 1] RGB and normalizes after its down-sampler; the toolkit's models all take normalized
+        # images and the thumbnailer maps them back to [0, 1] first.
+        x = model.backbone[0].down_sample.from_pixels(x)
     with torch.no_grad():
-        out = model(torch.from_numpy(images).to(dtype), None if mask is None else torch.from_numpy(mask > 0))
+        out = model(x, None if mask is None else torch.from_numpy(mask > 0))
     flat = {k: v.detach().cpu().numpy() for k, v in flatten_outputs(out).items()}
     write_npz(args.out, flat)
     print(f"ran {args.checkpoint} ({'float64' if args.float64 else 'float32'}) on {images.shape[0]} image(s) of "
@@ -120,6 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "float64", False):
+        # The official code computes some values in float32 whatever the model's dtype (the two-stage proposals'
+        # log), and MKL rounds float32 log differently on different CPUs (its CPU-specific code paths: the official
+        # fixtures' values come from its generic path).  --float64 is the reference regime: ask MKL for its
+        # reproducible path (MKL_CBWR, read at MKL's first call; slower matrix products).
+        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
     try:
         return args.func(args)
     except DETRConversionError as exc:

@@ -1,9 +1,10 @@
-"""Official Deformable DETR and Sparse DETR checkpoints -> toolkit models and checkpoints.
+"""Official Deformable DETR, Sparse DETR and ThumbDet checkpoints -> toolkit models and checkpoints.
 
-An official checkpoint (fundamentalvision/Deformable-DETR's and kakaobrain/sparse-detr's
-``main.py`` save ``{"model": state_dict, "args": argparse.Namespace, "epoch", ...}``) is read with
-``weights_only=True``: ``argparse.Namespace`` is the only class allowed besides
-tensors and plain types, so no arbitrary object is unpickled.  The architecture
+An official checkpoint (the ``main.py`` of fundamentalvision/Deformable-DETR,
+kakaobrain/sparse-detr and zhangyin1996/ThumbDet save ``{"model": state_dict, "args":
+argparse.Namespace, "epoch", ...}``) is read with ``weights_only=True``:
+``argparse.Namespace`` is the only class allowed besides tensors and plain
+types, so no arbitrary object is unpickled.  The architecture
 comes from ``args`` (the number of classes from the class head), the state dict
 loads by name (the toolkit's modules carry the official names), and every key
 is accounted for: missing, unexpected or misshapen keys are one error naming them.
@@ -61,8 +62,8 @@ def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
     """The architecture of an official checkpoint: its ``args``, the class count of its class head.
 
     Raises:
-        DETRConversionError: no ``args`` / ``model``, a ThumbDet checkpoint (not supported yet), or arguments
-            the toolkit does not build.
+        DETRConversionError: no ``args`` / ``model``, a ThumbDet checkpoint without a down-sampler it knows, or
+            arguments the toolkit does not build.
     """
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise DETRConversionError(f"{source}: not an official DETR checkpoint (no 'model' state dict)")
@@ -71,17 +72,37 @@ def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
         raise DETRConversionError(f"{source}: no 'args': the architecture cannot be known (official checkpoints "
                                   "save main.py's arguments)")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    if "use_kd_loss" in args or "down_sample_epoch" in args:
-        raise DETRConversionError(f"{source}: a ThumbDet checkpoint; only Deformable DETR and Sparse DETR checkpoints "
-                                  "are converted so far")
     state = checkpoint["model"]
     head = state.get("class_embed.0.weight", state.get("class_embed.weight"))
     if head is None:
         raise DETRConversionError(f"{source}: no class head ('class_embed.0.weight') in the state dict")
+    thumb_scale = 1
+    if "use_kd_loss" in args or "down_sample_epoch" in args:  # ThumbDet's main.py
+        thumb_scale = thumbdet_scale(state, source)
     try:
-        return DeformableDETRConfig.from_official_args(args, int(head.shape[0]))
+        return DeformableDETRConfig.from_official_args(args, int(head.shape[0]), thumb_scale=thumb_scale)
     except (TypeError, ValueError) as exc:
         raise DETRConversionError(f"{source}: {exc}") from None
+
+
+def thumbdet_scale(state: Mapping[str, torch.Tensor], source: str) -> int:
+    """A ThumbDet checkpoint's thumbnail scale, from its down-sampler's kernels (its args do not record it): 3x3
+    kernels are the official 4x down-sampler, 5x5 the README's 2x edit (``toolkit.models.thumbnail``).
+
+    Raises:
+        DETRConversionError: no ``backbone.0.down_sample.{0,2}.weight``, or kernels of another shape.
+    """
+    keys = ("backbone.0.down_sample.0.weight", "backbone.0.down_sample.2.weight")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise DETRConversionError(f"{source}: a ThumbDet checkpoint without its down-sampler: missing "
+                                  f"{', '.join(missing)}")
+    shapes = tuple(tuple(state[k].shape) for k in keys)
+    known = {((12, 3, 3, 3), (3, 12, 3, 3)): 4, ((12, 3, 5, 5), (3, 12, 5, 5)): 2}
+    if shapes not in known:
+        raise DETRConversionError(f"{source}: a ThumbDet down-sampler of unknown shape: {keys[0]} {shapes[0]}, "
+                                  f"{keys[1]} {shapes[1]} (known: 3x3 kernels for 4x, 5x5 for 2x)")
+    return known[shapes]
 
 
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

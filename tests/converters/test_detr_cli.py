@@ -59,7 +59,13 @@ def test_errors_are_one_line_naming_the_keys(refine_two_stage, tmp_path, capsys)
                                "transformer.encoder.layers.0.linear1.weight (1024, 256) vs (2048, 256)")
     thumbdet = vars(official["args"]).copy()
     thumbdet["use_kd_loss"] = True
-    cases["thumbdet.pth"] = (dict(official, args=argparse.Namespace(**thumbdet)), "a ThumbDet checkpoint")
+    cases["thumbdet.pth"] = (dict(official, args=argparse.Namespace(**thumbdet)), "a ThumbDet checkpoint without its "
+                             "down-sampler: missing backbone.0.down_sample.0.weight, backbone.0.down_sample.2.weight")
+    odd = dict(official["model"], **{"backbone.0.down_sample.0.weight": torch.zeros(12, 3, 7, 7),
+                                     "backbone.0.down_sample.2.weight": torch.zeros(3, 12, 7, 7)})
+    cases["thumbdet_7x7.pth"] = (dict(official, model=odd, args=argparse.Namespace(**thumbdet)),
+                                 "a ThumbDet down-sampler of unknown shape: backbone.0.down_sample.0.weight "
+                                 "(12, 3, 7, 7)")
     swin = vars(official["args"]).copy()
     swin["backbone"] = "swin-t"
     cases["swin.pth"] = (dict(official, args=argparse.Namespace(**swin)), "backbone 'swin-t' (ResNet backbones only)")
@@ -92,6 +98,24 @@ def test_sparse_detr_converts_and_runs(tmp_path, capsys):
     assert code == 0, err
     got = dict(np.load(tmp_path / "out.npz"))
     assert got["sparse_token_nums"].dtype == np.int32 and got["backbone_topk_proposals"].dtype == np.int64
+    assert_reproduces(got, np.load(root / "output.npz"))
+
+
+def test_thumbdet_converts_and_runs(tmp_path, capsys):
+    """An official ThumbDet checkpoint (4x down-sampler): convert names it; run takes [0, 1] RGB as the official model
+    does and writes the thumbnail and the backbone features too, reproducing the fixture."""
+    root = require_fixture("detr/thumbdet_4x")
+    official = write_official_checkpoint("thumbdet_4x", tmp_path / "official.pth")
+    converted = tmp_path / "thumbdet.pth"
+    code, out, err = cli(capsys, "convert", official, "-o", converted)
+    assert code == 0, err
+    assert "ThumbDet 4x (learned thumbnail) on Deformable DETR" in out
+    assert torch.load(converted, weights_only=True)["config"]["thumb_scale"] == 4
+    code, _, err = cli(capsys, "run", converted, "--input", root / "input.npz", "--out", tmp_path / "out.npz",
+                       "--float64")
+    assert code == 0, err
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert got["downsample_input"].shape == (2, 3, 96, 128)
     assert_reproduces(got, np.load(root / "output.npz"))
 
 

@@ -6,15 +6,16 @@ derived (feature-map sizes, priors per cell) are computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 from toolkit.models.box_coder import CodeType
 from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
 from toolkit.models.grp_dsod import GATED_SOURCE_NAMES, GRPDSODBackbone, GRPDSODConfig
 from toolkit.models.postprocess import DetectionOutputParams
-from toolkit.models.priors import PriorBoxSpec
+from toolkit.models.priors import PriorBoxSpec, PriorGenerator
 from toolkit.models.ssd import SSDDetector, SSDHead
+from toolkit.models.thumbnail import Thumbnailer
 from toolkit.models.vgg_ssd import SOURCES as VGG_SOURCES
 from toolkit.models.vgg_ssd import VGGBackbone, VGGConfig
 
@@ -167,6 +168,32 @@ def build_model(name: str, num_classes: int) -> SSDDetector:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name](num_classes)
+
+
+def add_thumbnail(model: SSDDetector, scale: int, mode: str, mean_bgr: Sequence[float], pixel_scale: float,
+                  channel_order: str = "bgr") -> SSDDetector:
+    """Put ThumbDet's thumbnailer (:class:`~toolkit.models.thumbnail.Thumbnailer`) in front of ``model``, in place.
+
+    The model keeps taking Caffe-preprocessed images (``(x - mean_bgr) * pixel_scale`` on 0-255 pixels, in
+    ``channel_order``) of its full size; the backbone sees a ``scale``-times smaller thumbnail.  The priors are
+    computed for the student's own input: each level keeps its stride (``step``, in the thumbnail's pixels) and
+    its min / max sizes are divided by ``scale`` (Caffe then truncates them to integers), so every level's priors
+    cover the same share of the image as the full-size model's and a teacher's per-prior predictions pair with
+    them (:func:`toolkit.distill.thumbdet.ssd_kd_loss`).  ``scale`` 1 leaves the model as it is.
+    """
+    if scale == 1:
+        return model
+    if channel_order not in ("bgr", "rgb"):
+        raise ValueError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+    mean = [m / 255.0 for m in mean_bgr]  # the mean is subtracted in BGR order, before an RGB swap
+    model.down_sample = Thumbnailer(scale, mode, mean=mean if channel_order == "bgr" else mean[::-1],
+                                    std=[1.0 / (255.0 * pixel_scale)] * 3, bgr=channel_order == "bgr")
+    model.prior_generator = PriorGenerator(tuple(
+        replace(spec, min_sizes=tuple(v / scale for v in spec.min_sizes),
+                max_sizes=tuple(v / scale for v in spec.max_sizes))
+        for spec in model.prior_generator.specs))
+    model._prior_cache.clear()
+    return model
 
 
 def presets_for_caffe_layers(layers_with_blobs) -> list[str]:

@@ -126,8 +126,14 @@ class SSDDetector(nn.Module):
     """Backbone + :class:`SSDHead` + priors.
 
     ``forward(images (N, 3, H, W))`` returns ``{"loc": (N, P, 4), "conf": (N, P, C)
-    logits, "priors": (P, 4) normalized xyxy, "variances": (P, 4)}``; priors follow
-    the feature-map sizes of the input, so other input sizes work too.
+    logits, "priors": (P, 4) normalized xyxy, "variances": (P, 4), "sources": the
+    head's input maps [(N, C_k, H_k, W_k)]}``; priors follow the feature-map sizes
+    of the input, so other input sizes work too.
+
+    ``down_sample`` (None by default; see :func:`toolkit.models.build.add_thumbnail`)
+    is ThumbDet's thumbnailer: the backbone then sees the thumbnail, the priors are
+    those of the thumbnail's size, and the output adds ``src_input`` and
+    ``downsample_input`` ([0, 1] RGB, the input and the thumbnail).
     """
 
     def __init__(self, backbone: nn.Module, head: SSDHead, prior_specs: Sequence[PriorBoxSpec],
@@ -140,6 +146,7 @@ class SSDDetector(nn.Module):
         self.num_classes = head.num_classes
         self.caffe_names: dict[str, tuple[str, ...]] = dict(caffe_names or {})
         self._prior_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.down_sample: Optional[nn.Module] = None
 
     def priors(self, feature_hws: Sequence[tuple[int, int]], image_hw: tuple[int, int],
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +156,13 @@ class SSDDetector(nn.Module):
             self._prior_cache[key] = (boxes.to(device), variances.to(device))
         return self._prior_cache[key]
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict:
+        extras: dict[str, torch.Tensor] = {}
+        if self.down_sample is not None:
+            extras = self.down_sample(images)
+            images = extras.pop("images")
         sources = self.backbone(images)
         loc, conf = self.head(sources)
         priors, variances = self.priors([tuple(s.shape[-2:]) for s in sources], tuple(images.shape[-2:]), images.device)
-        return {"loc": loc, "conf": conf, "priors": priors, "variances": variances}
+        return {"loc": loc, "conf": conf, "priors": priors, "variances": variances, "sources": list(sources),
+                **extras}

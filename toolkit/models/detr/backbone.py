@@ -19,6 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from toolkit.models.detr.position_encoding import SinePositionEncoding
+from toolkit.models.thumbnail import Thumbnailer
 
 
 def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -43,11 +44,14 @@ class ResNetBody(nn.Module):
         train_backbone: leave C2-C5's parameters trainable (the stem and C1 are frozen, as officially).
         from_scratch: ``BatchNorm2d`` and every layer trainable (no pretrained weights).
         weights: a local torchvision ResNet state dict file to start from (nothing is downloaded).
+        thumb_scale: 2 or 4: ThumbDet's thumbnail in front of the ResNet (``down_sample``, its official name; see
+            :mod:`toolkit.models.thumbnail`); 1: none.
+        thumb_mode: ``"learned"`` (ThumbDet) or ``"bicubic"`` (the baseline).
     """
 
     def __init__(self, name: str = "resnet50", multi_scale: bool = True, dilation: bool = False,
                  train_backbone: bool = True, weights: Optional[str | os.PathLike] = None,
-                 from_scratch: bool = False) -> None:
+                 from_scratch: bool = False, thumb_scale: int = 1, thumb_mode: str = "learned") -> None:
         super().__init__()
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                    norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
@@ -72,14 +76,26 @@ class ResNetBody(nn.Module):
         if name in ("resnet18", "resnet34"):  # basic blocks: a quarter of the channels
             self.num_channels = [c // 4 for c in self.num_channels]
         self.body = IntermediateLayerGetter(resnet, return_layers=layers)
+        # ThumbDet: the images are ImageNet-normalized RGB here, so the thumbnailer's constants are the defaults.
+        self.down_sample = Thumbnailer(thumb_scale, thumb_mode) if thumb_scale > 1 else None
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``images`` ``(B, 3, H, W)``, ``mask`` bool ``(B, H, W)`` -> ``[(features (B, C, h, w), mask (B, h, w))]``
-        from the finest level to the coarsest."""
+    def forward(self, images: torch.Tensor, mask: torch.Tensor
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """``images`` ``(B, 3, H, W)``, ``mask`` bool ``(B, H, W)`` -> ``([(features (B, C, h, w), mask (B, h, w))]
+        from the finest level to the coarsest, thumbnail outputs)``.
+
+        With a thumbnail the ResNet sees it, and the thumbnail outputs are ``src_input`` and ``downsample_input``
+        (:class:`~toolkit.models.thumbnail.Thumbnailer`); the masks still come from the full-size ``mask``, sampled
+        at each level's size (ThumbDet's ``BackboneBase.forward``).  Without one they are empty.
+        """
+        extras: dict[str, torch.Tensor] = {}
+        if self.down_sample is not None:
+            extras = self.down_sample(images)
+            images = extras.pop("images")
         out = []
         for _, feature in sorted(self.body(images).items()):
             out.append((feature, downsample_mask(mask, feature.shape[-2:])))
-        return out
+        return out, extras
 
 
 class Joiner(nn.Sequential):
@@ -91,6 +107,7 @@ class Joiner(nn.Sequential):
         self.num_channels = body.num_channels
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
-        """-> ``(levels [(features, mask)], positions [(B, 2F, h, w) in the features' dtype])``."""
-        levels = self[0](images, mask)
-        return levels, [self[1](m).to(f.dtype) for f, m in levels]
+        """-> ``(levels [(features, mask)], positions [(B, 2F, h, w) in the features' dtype], thumbnail outputs
+        (see :meth:`ResNetBody.forward`))``."""
+        levels, extras = self[0](images, mask)
+        return levels, [self[1](m).to(f.dtype) for f, m in levels], extras

@@ -69,6 +69,10 @@ class DeformableDETRConfig:
     use_enc_aux_loss: bool = False
     eff_query_init: bool = False
     eff_specific_head: bool = False
+    # ThumbDet (zhangyin1996/ThumbDet): the backbone sees a thumbnail_scale-times smaller image made by a learned
+    # down-sampler (thumb_mode "learned") or by bicubic resizing (the baseline); 1: the full image.
+    thumb_scale: int = 1
+    thumb_mode: str = "learned"
 
     def __post_init__(self) -> None:
         if self.family not in ("deformable", "sparse"):
@@ -79,10 +83,14 @@ class DeformableDETRConfig:
                                             or self.eff_specific_head):
             raise ValueError("rho, use_enc_aux_loss, eff_query_init and eff_specific_head are Sparse DETR options "
                              "(family='sparse')")
+        if self.thumb_scale not in (1, 2, 4) or self.thumb_mode not in ("learned", "bicubic"):
+            raise ValueError(f"thumb_scale must be 1, 2 or 4 and thumb_mode 'learned' or 'bicubic', got "
+                             f"{self.thumb_scale} and {self.thumb_mode!r}")
 
     @classmethod
-    def from_official_args(cls, args: Mapping, num_classes: int) -> "DeformableDETRConfig":
-        """The architecture named by an official checkpoint's ``args`` (``vars(namespace)``).
+    def from_official_args(cls, args: Mapping, num_classes: int, thumb_scale: int = 1) -> "DeformableDETRConfig":
+        """The architecture named by an official checkpoint's ``args`` (``vars(namespace)``); ``thumb_scale`` for a
+        ThumbDet checkpoint (its args do not say it: the state dict's down-sampler does).
 
         Raises:
             ValueError: naming the arguments the toolkit does not build (``masks``, a learned position
@@ -102,8 +110,9 @@ class DeformableDETRConfig:
         # (Sparse DETR's own backbone_from_scratch argument means something else: how its run initialised a
         # backbone whose weights the checkpoint holds anyway.)
         values = {k: v for k, v in args.items() if k in known and k not in ("num_classes", "family",
-                                                                             "backbone_from_scratch")}
-        return cls(**values, num_classes=num_classes, family=family)
+                                                                             "backbone_from_scratch", "thumb_scale",
+                                                                             "thumb_mode")}
+        return cls(**values, num_classes=num_classes, family=family, thumb_scale=thumb_scale)
 
 
 class DeformableDETR(nn.Module):
@@ -194,11 +203,13 @@ class DeformableDETR(nn.Module):
             mask: bool ``(B, H, W)``, True on padding (None: no padding).
         Returns:
             ``{"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) cxcywh normalized, "aux_outputs": [{...}] for
-            decoder layers 0..L-2, "enc_outputs": {...} (two-stage, one per encoder token)}``.
+            decoder layers 0..L-2, "enc_outputs": {...} (two-stage, one per encoder token), "srcs": the backbone's
+            features [(B, C_l, h_l, w_l)] (ThumbDet's feature distillation pairs them)}``; with a thumbnail also
+            ``"src_input"`` (the [0, 1] RGB input) and ``"downsample_input"`` (the thumbnail, [0, 1] RGB).
         """
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        levels, pos = self.backbone(images, mask)
+        levels, pos, thumbnail = self.backbone(images, mask)
         srcs = [self.input_proj[k](feature) for k, (feature, _) in enumerate(levels)]
         masks = [m for _, m in levels]
         pos = list(pos)
@@ -221,7 +232,7 @@ class DeformableDETR(nn.Module):
                 delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             classes.append(self.class_embed[layer](t["hs"][layer]))
             coords.append(delta.sigmoid())
-        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1]}
+        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1], "srcs": [f for f, _ in levels], **thumbnail}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
         if self.two_stage:
@@ -244,7 +255,8 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
     torchvision file)."""
     body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
                       train_backbone=train_backbone, weights=backbone_weights,
-                      from_scratch=cfg.backbone_from_scratch and backbone_weights is None)
+                      from_scratch=cfg.backbone_from_scratch and backbone_weights is None,
+                      thumb_scale=cfg.thumb_scale, thumb_mode=cfg.thumb_mode)
     backbone = Joiner(body, SinePositionEncoding(cfg.hidden_dim // 2))
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                                         cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,
@@ -256,7 +268,8 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
 
 def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:
     """A DETR output dict as flat arrays under the official names: ``pred_logits``, ``pred_boxes``,
-    ``aux_<i>_pred_*``, ``enc_pred_*``, ``enc_aux_<i>_pred_*``, and any other tensor entry as it is named."""
+    ``aux_<i>_pred_*``, ``enc_pred_*``, ``enc_aux_<i>_pred_*``, and any other tensor entry as it is named;
+    a thumbnail model's ``downsample_input`` and its backbone features as ``srcs_<l>`` (ThumbDet's names)."""
     flat: dict[str, torch.Tensor] = {}
     for key, value in out.items():
         if key == "aux_outputs":
@@ -267,6 +280,11 @@ def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:
         elif key == "aux_outputs_enc":
             for i, layer in enumerate(value):
                 flat.update({f"enc_aux_{i}_{k}": v for k, v in layer.items()})
+        elif key == "srcs":
+            if "downsample_input" in out:
+                flat.update({f"srcs_{i}": v for i, v in enumerate(value)})
+        elif key == "src_input":
+            continue  # the input itself
         elif isinstance(value, torch.Tensor):
             flat[key] = value  # e.g. Sparse DETR's backbone_mask_prediction, sparse_token_nums
     return flat

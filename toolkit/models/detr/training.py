@@ -35,11 +35,12 @@ class DETRPreset:
 _COCO_INPUT = dict(train_scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), max_size=1333,
                    crop_scales=(400, 500, 600), crop_min=384, crop_max=600, test_scale=800)
 # CPU presets: ResNet-18 trained from scratch (batch norm; nothing can be downloaded), 128 channels, 3 + 3
-# layers, 100 queries, inputs around 224 px (shapes images are 200-400 px).
+# layers, 50 queries (shapes images hold at most 6 objects), inputs of 144-208 px on the short side, 256 at most
+# (shapes images are 200-400 px; a smaller padded batch is most of a CPU step's cost).
 _TINY = dict(backbone="resnet18", backbone_from_scratch=True, hidden_dim=128, nheads=8, enc_layers=3,
-             dec_layers=3, dim_feedforward=512, num_queries=100, dropout=0.0)
-_TINY_INPUT = dict(train_scales=(192, 208, 224, 240, 256), max_size=384, crop_scales=(160, 192, 224), crop_min=128,
-                   crop_max=224, test_scale=224)
+             dec_layers=3, dim_feedforward=512, num_queries=50, dropout=0.0)
+_TINY_INPUT = dict(train_scales=(144, 160, 176, 192, 208), max_size=256, crop_scales=(128, 160, 192), crop_min=112,
+                   crop_max=192, test_scale=192)
 
 DETR_PRESETS: dict[str, DETRPreset] = {
     "deformable_detr": DETRPreset(DeformableDETRConfig(), **_COCO_INPUT),

@@ -1,0 +1,116 @@
+"""ThumbDet: the official model's float64 outputs and losses (``shared/fixtures/detr/thumbdet_4x``), the down-sample,
+KD and FM losses against hand-computed values, the thumbnailer's sizes and normalization round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_fixture
+from detr_fixtures import assert_reproduces, load_official, write_official_checkpoint
+from toolkit.distill.thumbdet import downsample_loss, fm_loss, kd_loss
+from toolkit.models.detr import DeformableDETRConfig, build_deformable_detr, flatten_outputs
+from toolkit.models.detr.criterion import SetCriterion, default_weight_dict
+from toolkit.models.detr.matcher import HungarianMatcher
+from toolkit.models.thumbnail import Thumbnailer, thumbnail_size
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    root = require_fixture("detr/thumbdet_4x")
+    checkpoint = load_official(write_official_checkpoint("thumbdet_4x", tmp_path_factory.mktemp("td") / "o.pth"))
+    return root, checkpoint
+
+
+def _run(model, root):
+    inputs = np.load(root / "input.npz")
+    pixels = torch.from_numpy(inputs["images"]).double()  # ThumbDet takes [0, 1] RGB
+    images = Thumbnailer(4).from_pixels(pixels)  # the toolkit's models take normalized images
+    with torch.no_grad():
+        return model(images, torch.from_numpy(inputs["mask"])), pixels
+
+
+def test_official_thumbdet_reproduces_outputs_and_losses(official):
+    root, checkpoint = official
+    spec = json.loads((root / "spec.json").read_text())
+    cfg = DeformableDETRConfig.from_official_args(vars(checkpoint["args"]), 91, thumb_scale=4)
+    model = build_deformable_detr(cfg)
+    state = model.state_dict()
+    assert [[k, list(v.shape)] for k, v in sorted(state.items())] == [t[:2] for t in spec["tensors"]]
+    model.load_state_dict(checkpoint["model"], strict=True)
+    out, pixels = _run(model.double().eval(), root)
+    assert_reproduces({k: v.numpy() for k, v in flatten_outputs(out).items()}, np.load(root / "output.npz"))
+    assert torch.allclose(out["src_input"], pixels, rtol=0, atol=1e-15)
+
+    # The official criterion ran with the same weights as the teacher, on the full image, in eval mode.
+    teacher = build_deformable_detr(DeformableDETRConfig.from_official_args(vars(checkpoint["args"]), 91))
+    teacher.load_state_dict({k: v for k, v in checkpoint["model"].items() if "down_sample" not in k}, strict=True)
+    teacher_out, _ = _run(teacher.double().eval(), root)
+    targets = [{"labels": torch.tensor(t["labels"]), "boxes": torch.tensor(t["boxes_cxcywh"], dtype=torch.float64)}
+               for t in json.loads((root / "targets.json").read_text())]
+    criterion = SetCriterion(91, HungarianMatcher(2, 5, 2), default_weight_dict(cfg.dec_layers))
+    with torch.no_grad():
+        losses = criterion(out, targets)
+    losses["loss_downsample"] = downsample_loss(out["src_input"], out["downsample_input"])
+    losses["loss_kd"] = kd_loss(out["pred_logits"], teacher_out["pred_logits"])
+    losses["loss_fm"] = fm_loss(out["srcs"], teacher_out["srcs"])
+    assert sorted(losses) == sorted(spec["losses"])
+    for name, value in spec["losses"].items():
+        assert abs(float(losses[name]) - value) <= 1e-8 * max(abs(value), 1e-12), (name, float(losses[name]), value)
+    for name, weight in spec["weight_dict"].items():  # the official weights: ours where we compute the loss
+        if name in criterion.weight_dict:
+            assert criterion.weight_dict[name] == weight, name
+
+
+def test_downsample_loss_by_hand():
+    src = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]] * 3], dtype=torch.float64)  # mean 0.5, var 1/3 per channel
+    thumb = torch.full((1, 3, 1, 2), 0.25, dtype=torch.float64)  # mean 0.25, var 0
+    expected = (0.25 / 255) ** 2 + 0.1 * (1 / 3 / 255 ** 2) ** 2
+    assert float(downsample_loss(src, thumb)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kd_loss_by_hand():
+    student = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]], dtype=torch.float64)  # p_s = (1/4, 3/4), (1/2, 1/2)
+    teacher = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]], dtype=torch.float64)  # p_t = (1/2, 1/2), (3/4, 1/4)
+    cross = torch.tensor([[0.5 * math.log(4), 0.5 * math.log(4 / 3)], [0.75 * math.log(2), 0.25 * math.log(2)]],
+                         dtype=torch.float64)
+    # DETR: summed over queries, averaged over images and classes; SSD: summed over classes, averaged over priors.
+    assert float(kd_loss(student, teacher)) == pytest.approx(float(cross.sum(0).mean()), rel=1e-12)
+    assert float(kd_loss(student, teacher, per_prior=True)) == pytest.approx(float(cross.sum(1).mean()), rel=1e-12)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    kd_loss(student, teacher).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_fm_loss_by_hand():
+    student = [torch.tensor([[[[1.0, 3.0]]]], dtype=torch.float64), torch.ones(1, 2, 1, 1, dtype=torch.float64)]
+    teacher = [torch.zeros(1, 1, 1, 4, dtype=torch.float64), torch.zeros(1, 2, 2, 2, dtype=torch.float64)]
+    # Bilinear, half-pixel centres: 1 3 -> 1, 1.5, 2.5, 3 (edges clamp); a 1x1 map upsamples to a constant.
+    level0 = (1 + 1.5 ** 2 + 2.5 ** 2 + 9) / 4
+    assert float(fm_loss(student, teacher)) == pytest.approx((level0 + 1.0) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="pair one to one"):
+        fm_loss(student[:1], teacher)
+
+
+@pytest.mark.parametrize("scale, size", [(4, (75, 100)), (2, (148, 198))])
+def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
+    assert thumbnail_size(300, 400, scale) == size
+    for mode in ("learned", "bicubic"):
+        # Caffe's (x - mean) * 0.017 on BGR 0-255 pixels, as DSOD's nets take them.
+        t = Thumbnailer(scale, mode, mean=(104 / 255, 117 / 255, 123 / 255), std=(1 / (255 * 0.017),) * 3, bgr=True)
+        pixels = torch.rand(2, 3, 300, 400, dtype=torch.float64)
+        bgr255 = pixels.flip(1) * 255
+        normalized = (bgr255 - torch.tensor([104.0, 117.0, 123.0], dtype=torch.float64).view(1, 3, 1, 1)) * 0.017
+        out = t.double()(normalized)
+        assert torch.allclose(out["src_input"], pixels, atol=1e-12)
+        assert out["images"].shape[-2:] == size and out["downsample_input"].shape[-2:] == size
+        assert torch.allclose(t.to_pixels(out["images"]), out["downsample_input"], atol=1e-12)
+    assert [k for k in Thumbnailer(4).state_dict()] == ["0.weight", "2.weight"]
+    assert not Thumbnailer(4, "bicubic").state_dict()
+    with pytest.raises(ValueError, match="scale"):
+        Thumbnailer(3)

@@ -1,0 +1,134 @@
+"""toolkit.train --distill thumbdet for both families: the two phases switch where configured, the teacher stays
+frozen, the student starts from the teacher, and a student's checkpoint round-trips through evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from toolkit import train as train_mod
+from toolkit.data.shapes import generate_shapes
+from toolkit.engine import DistInfo
+from toolkit.evaluate import main as evaluate_main
+from toolkit.models.thumbnail import find_thumbnailer
+from toolkit.predict import main as predict_main
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", seed=5, num_train=16, num_test=4, progress=False)
+    return root
+
+
+def _args(data_root, model, out, *extra):
+    return ["--dataset", "shapes", "--model", model, "--data-root", str(data_root), "--out", str(out),
+            "--batch-size", "2", "--no-progress", "--workers", "0", *extra]
+
+
+def _history(out):
+    return torch.load(out / "checkpoint.pth", weights_only=True)["history"]
+
+
+@pytest.fixture(scope="module", params=["dsod_tiny", "deformable_detr_tiny"])
+def teacher(request, data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"teacher_{request.param}")
+    assert train_mod.main(_args(data_root, request.param, out, "--iters", "2")) == 0
+    return request.param, out / "checkpoint.pth"
+
+
+def test_phases_switch_where_configured_and_the_teacher_stays_frozen(teacher, data_root, tmp_path):
+    model, teacher_ckpt = teacher
+    out = tmp_path / "student"
+    argv = _args(data_root, model, out, "--iters", "4", "--distill", "thumbdet", "--teacher", str(teacher_ckpt),
+                 "--thumb-scale", "4", "--downsample-phase", "0.5")
+    trainer = train_mod.Trainer(train_mod.get_args_parser().parse_args(argv), DistInfo())
+    teacher_state = torch.load(teacher_ckpt, weights_only=True)["model"]
+    # The student starts from the teacher; only its down-sampler is new.
+    student_state = trainer.model.state_dict()
+    assert {k for k in student_state if k not in teacher_state} == {k for k in student_state if "down_sample." in k}
+    assert all(torch.equal(student_state[k].cpu(), v) for k, v in teacher_state.items())
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert find_thumbnailer(trainer.teacher) is None and find_thumbnailer(trainer.model).scale == 4
+
+    # A first-phase step trains the down-sampler alone: no other parameter gets a gradient.
+    inputs, targets = next(iter(trainer._loader(0, 0)))
+    losses = trainer._micro_step(inputs, targets, 1.0)
+    assert losses["loss_downsample"].item() > 0 and losses["loss_kd"].item() == losses["loss_fm"].item() == 0
+    with_grad = {n for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert with_grad and all("down_sample." in n for n in with_grad)
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.train()
+    history = trainer.history
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    task = trainer.loss_keys[1]  # loss_cls / loss_ce
+    for h in history[:2]:  # phase 1: the down-sample loss alone
+        assert h["loss_downsample"] > 0 and h[task] == h["loss_kd"] == h["loss_fm"] == 0
+        assert h["loss"] == pytest.approx(h["loss_downsample"])
+    for h in history[2:]:  # phase 2: task loss + distillation
+        assert h[task] > 0 and h["loss_kd"] > 0 and h["loss_fm"] > 0 and h["loss_downsample"] > 0
+    # The teacher did not move.
+    assert all(torch.equal(v.cpu(), teacher_state[k]) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_a_student_checkpoint_evaluates_and_predicts_at_full_size(teacher, data_root, tmp_path, capsys):
+    model, teacher_ckpt = teacher
+    out = tmp_path / "student"
+    assert train_mod.main(_args(data_root, model, out, "--iters", "2", "--distill", "thumbdet", "--teacher",
+                                str(teacher_ckpt), "--thumb-scale", "2")) == 0
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["thumbnail"] == {"scale": 2, "mode": "learned"}
+    assert any("down_sample." in k for k in checkpoint["model"])
+    assert evaluate_main(["--checkpoint", str(out / "checkpoint.pth"), "--dataset", "shapes", "--data-root",
+                          str(data_root), "--json", str(tmp_path / "map.json")]) == 0
+    assert json.loads((tmp_path / "map.json").read_text())["mAP"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["mAP"])
+    image = next((data_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))
+    assert predict_main(["--checkpoint", str(out / "checkpoint.pth"), str(image), "--out", str(tmp_path / "pred"),
+                         "--save-thumbnails"]) == 0
+    import cv2
+
+    thumb = cv2.imread(str(tmp_path / "pred" / f"{image.stem}_thumbnail.png"))
+    full = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"))
+    assert thumb is not None and thumb.shape[0] < full.shape[0]
+    capsys.readouterr()
+    # The teacher has no thumbnail to save.
+    assert predict_main(["--checkpoint", str(teacher_ckpt), str(image), "--out", str(tmp_path / "p2"),
+                         "--save-thumbnails"]) == 2
+    assert "needs a thumbnail model" in capsys.readouterr().err
+
+
+def test_bicubic_and_full_size_baselines_start_at_the_second_phase(data_root, tmp_path):
+    teacher_out = tmp_path / "teacher"
+    assert train_mod.main(_args(data_root, "dsod_tiny", teacher_out, "--iters", "1")) == 0
+    for flags in (("--thumb-mode", "bicubic"), ("--thumb-scale", "1")):
+        out = tmp_path / "_".join(flags).strip("-")
+        assert train_mod.main(_args(data_root, "dsod_tiny", out, "--iters", "4", "--distill", "thumbdet",
+                                    "--teacher", str(teacher_out / "checkpoint.pth"), "--downsample-phase", "0.5",
+                                    *flags)) == 0
+        history = _history(out)
+        assert [h["iteration"] for h in history] == [3, 4]
+        assert all(h["loss_downsample"] == 0 and h["loss_kd"] > 0 for h in history)
+        state = torch.load(out / "checkpoint.pth", weights_only=True)
+        assert not any("down_sample." in k for k in state["model"])  # nothing learned in front of the detector
+
+
+def test_distillation_errors(data_root, tmp_path, capsys):
+    teacher_out = tmp_path / "teacher"
+    assert train_mod.main(_args(data_root, "dsod_tiny", teacher_out, "--iters", "1")) == 0
+    ckpt = str(teacher_out / "checkpoint.pth")
+    cases = [(("--distill", "thumbdet"), "needs --teacher"),
+             (("--teacher", ckpt), "--teacher needs --distill thumbdet"),
+             (("--distill", "thumbdet", "--teacher", ckpt, "--init-from", ckpt), "drop --init-from"),
+             (("--distill", "thumbdet", "--teacher", ckpt, "--downsample-phase", "1"), "--downsample-phase")]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert train_mod.main(_args(data_root, "dsod_tiny", tmp_path / "s", "--iters", "1", *extra)) == 2
+        assert message in capsys.readouterr().err
+    capsys.readouterr()
+    assert train_mod.main(_args(data_root, "ssd_tiny", tmp_path / "s", "--iters", "1", "--distill", "thumbdet",
+                                "--teacher", ckpt)) == 2
+    assert "not a full-size ssd_tiny for this student" in capsys.readouterr().err
