@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from benchutil import OtherLoad, cpu_name  # also puts the repo root on sys.path if needed
+# benchutil also puts the repo root on sys.path if needed
+from benchutil import OtherLoad, cpu_name, register_ms_deform_attn_flops
 
 
 def build(sparse: bool):
@@ -34,15 +35,6 @@ def build(sparse: bool):
     cfg = DeformableDETRConfig(with_box_refine=True, two_stage=True, **options)
     torch.manual_seed(0)
     return build_deformable_detr(cfg, train_backbone=False).eval()
-
-
-def register_attention_flops() -> None:
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.legacy_det.ms_deform_attn)
-    def _(value_shape, spatial_shape, start_shape, loc_shape, weight_shape, *args, **kwargs) -> int:
-        n, lq, m, n_levels, points, _ = loc_shape
-        return n * lq * m * n_levels * points * value_shape[-1] * 10
 
 
 def gflops(model, images) -> float:
@@ -66,7 +58,7 @@ def main() -> None:
     if not ops.has_ops():
         raise SystemExit(f"the compiled kernels are not built ({ops.load_error()}); {ops.BUILD_HINT}")
     torch.set_num_threads(args.threads)
-    register_attention_flops()
+    register_ms_deform_attn_flops()
     images = torch.randn(1, 3, args.size, args.size)
     models = {"Deformable DETR (+refine, two-stage)": build(False), "Sparse DETR (rho 0.1)": build(True)}
     print(f"inference on one {args.size}x{args.size} image, float32, {cpu_name()}, {args.threads} threads, "

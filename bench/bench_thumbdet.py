@@ -1,0 +1,111 @@
+"""ThumbDet: full size against bicubic and learned 2x / 4x thumbnails -- VOC07 mAP, parameters, GFLOPs, latency.
+
+Each variant is a ``toolkit.train`` checkpoint (the full-size teacher, or a
+``--distill thumbdet`` student); its mAP is the ``metrics.json`` beside it (the
+run's final evaluation on the test split).  Latency is end to end on one
+full-size test image, batch 1: the test transform's output in, detections out
+(down-sampler, detector and post-processing: DetectionOutput's NMS for the SSD
+family, top-k for DETR), float32, eval mode, ``torch.no_grad``, trained weights
+(the NMS workload depends on them).  Rounds time the variants back to back after
+a warm-up; each variant's speed-up over the full-size model is the median of
+the per-round ratios, with their range.  GFLOPs: ``torch.utils.flop_counter``
+(multiply-adds count 2; deformable attention by its formula, as in
+``bench_sparse_detr.py``), post-processing left out.
+
+Run from the repository root, e.g.::
+
+    .venv/bin/python bench/bench_thumbdet.py --dataset shapes full=runs/main/checkpoint.pth \\
+        bicubic2=runs/td_b2/checkpoint.pth learned2=runs/td_l2/checkpoint.pth \\
+        bicubic4=runs/td_b4/checkpoint.pth learned4=runs/td_l4/checkpoint.pth [--threads 2] [--rounds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# benchutil also puts the repo root on sys.path if needed
+from benchutil import OtherLoad, cpu_name, register_ms_deform_attn_flops
+
+
+def model_inputs(images):
+    """What the model's forward takes, from a collated batch (DETR: images and mask)."""
+    return images if isinstance(images, (tuple, list)) else (images,)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", metavar="NAME=CHECKPOINT",
+                        help="the first is the full-size reference of the speed-ups")
+    parser.add_argument("--dataset", default="shapes")
+    parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--image-index", type=int, default=0, help="which test image to time")
+    args = parser.parse_args()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toolkit.data import build_dataset
+    from toolkit.engine import inference_setup, load_trained_model, predict_batch
+    from toolkit.models.thumbnail import find_thumbnailer
+
+    torch.set_num_threads(args.threads)
+    register_ms_deform_attn_flops()
+    device = torch.device("cpu")
+    variants = {}
+    for item in args.variants:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"give NAME=CHECKPOINT, got {item!r}")
+        model, classes, model_name = load_trained_model(path, device)
+        metrics = Path(path).with_name("metrics.json")
+        mAP = json.loads(metrics.read_text()).get("mAP") if metrics.is_file() else None
+        variants[name] = (model, model_name, len(classes), mAP)
+    _, model_name, num_classes, _ = next(iter(variants.values()))
+    setup = inference_setup(model_name, num_classes)
+    test = build_dataset(args.dataset, "test", root=args.data_root, transform=setup.transform)
+    inputs, _ = setup.collate([test[args.image_index]])
+    print(f"{model_name} on one {args.dataset} test image, batch 1, float32, {cpu_name()}, {args.threads} threads, "
+          f"torch {torch.__version__}")
+
+    rows = {}
+    for name, (model, _, _, mAP) in variants.items():
+        thumb = find_thumbnailer(model)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(*model_inputs(inputs))
+        rows[name] = dict(mAP=mAP, params=sum(p.numel() for p in model.parameters()),
+                          gflops=counter.get_total_flops() / 1e9,
+                          thumb="full" if thumb is None else f"{thumb.mode} {thumb.scale}x")
+    times = {name: [] for name in variants}
+    load = OtherLoad()
+    with torch.no_grad():
+        for model, *_ in variants.values():
+            predict_batch(model, inputs, device, setup.predict_fn, setup.params)  # warm-up
+        for _ in range(args.rounds):
+            for name, (model, *_) in variants.items():
+                t0 = time.perf_counter()
+                predict_batch(model, inputs, device, setup.predict_fn, setup.params)
+                times[name].append(time.perf_counter() - t0)
+    reference = next(iter(variants))
+    print(f"  {'variant':12} {'input':>12} {'VOC07 mAP':>9} {'params':>10} {'GFLOPs':>7} {'median ms':>9} "
+          f"{'speed-up (range)':>22}")
+    for name, row in rows.items():
+        ratios = sorted(r / t for r, t in zip(times[reference], times[name]))
+        mAP = "-" if row["mAP"] is None else f"{100 * row['mAP']:.1f}"
+        print(f"  {name:12} {row['thumb']:>12} {mAP:>9} {row['params']:>10,} {row['gflops']:7.3f} "
+              f"{statistics.median(times[name]) * 1e3:9.2f} "
+              f"{statistics.median(ratios):7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    cores = load.cores()
+    if cores is not None:
+        print(f"other processes used {cores:.2f} cores during the measurements")
+
+
+if __name__ == "__main__":
+    main()
