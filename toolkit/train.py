@@ -70,6 +70,7 @@ from toolkit.engine import (
     load_trained_model,
     normalized_targets,
     pr_curves,
+    state_dict_mismatch,
 )
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
@@ -477,15 +478,10 @@ class Trainer:
                              f"{list(self.classes)}")
         if find_thumbnailer(teacher) is not None:
             raise ValueError(f"{args.teacher}: the teacher sees a thumbnail itself; give the full-size model")
-        own, theirs = model.state_dict(), teacher.state_dict()
-        missing = [k for k in own if k not in theirs and "down_sample." not in k]
-        unexpected = [k for k in theirs if k not in own]
-        misshapen = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                     if k in theirs and theirs[k].shape != own[k].shape]
-        if missing or unexpected or misshapen:
-            problems = [f"{len(keys)} {what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                        for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                           ("of another shape", misshapen)) if keys]
+        theirs = teacher.state_dict()
+        # Only the student's down-sampler is new.
+        problems = state_dict_mismatch(model.state_dict(), theirs, may_miss=lambda key: "down_sample." in key)
+        if problems:
             raise ValueError(f"{args.teacher}: not a full-size {args.model} for this student ({'; '.join(problems)})")
         model.load_state_dict(theirs, strict=False)
         teacher.requires_grad_(False)

@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from toolkit.engine import DETR_CHECKPOINT_FORMAT
+from toolkit.engine import DETR_CHECKPOINT_FORMAT, state_dict_mismatch
 from toolkit.models.detr import DeformableDETR, DeformableDETRConfig, build_deformable_detr
 
 PathLike = str | os.PathLike
@@ -52,10 +52,6 @@ def _load(path: PathLike):
                       lines[0] if lines else type(exc).__name__)
         raise DETRConversionError(f"{path}: does not load with weights_only=True (only tensors, plain types and "
                                   f"argparse.Namespace are allowed): {reason}") from None
-
-
-def _shown(keys: list[str], limit: int = 6) -> str:
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def official_config(checkpoint: Mapping, source: str) -> DeformableDETRConfig:
@@ -111,13 +107,7 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source
     Raises:
         DETRConversionError: naming missing, unexpected and misshapen keys.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = [f"{len(keys)} {what}: {_shown(keys)}" for what, keys in
-                (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen)) if keys]
+    problems = state_dict_mismatch(model.state_dict(), state)
     if problems:
         raise DETRConversionError(f"{source}: the state dict does not fit the model its args describe: "
                                   + "; ".join(problems))

@@ -117,6 +117,15 @@ def test_thumbdet_converts_and_runs(tmp_path, capsys):
     got = dict(np.load(tmp_path / "out.npz"))
     assert got["downsample_input"].shape == (2, 3, 96, 128)
     assert_reproduces(got, np.load(root / "output.npz"))
+    # The README's 2x edit: 5x5 kernels, one stride-2 stage.
+    official_2x = load_official(official)
+    official_2x["model"]["backbone.0.down_sample.0.weight"] = torch.zeros(12, 3, 5, 5)
+    official_2x["model"]["backbone.0.down_sample.2.weight"] = torch.zeros(3, 12, 5, 5)
+    torch.save(official_2x, tmp_path / "official_2x.pth")
+    code, out, err = cli(capsys, "convert", tmp_path / "official_2x.pth", "-o", converted)
+    assert code == 0, err
+    assert "ThumbDet 2x (learned thumbnail)" in out
+    assert torch.load(converted, weights_only=True)["config"]["thumb_scale"] == 2
 
 
 def test_a_converted_checkpoint_evaluates_predicts_and_initialises_training(refine_two_stage, tmp_path, capsys):
