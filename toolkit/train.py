@@ -76,6 +76,7 @@ from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
 from toolkit.models.caffe_import import init_from_checkpoint
 from toolkit.models.detr.training import DETR_PRESETS
+from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.thumbnail import find_thumbnailer
 
@@ -189,6 +190,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="share of the iterations that train the down-sampler alone (default 0.1: the paper's 5 of 50 "
                         "epochs)")
     d.add_argument("--downsample-weight", type=float, default=1.0, help="down-sample loss weight (default 1)")
+    d.add_argument("--downsample-lr", type=float, default=1e-3,
+                   help="SSD family: the learned down-sampler's Adam learning rate, on the detector's schedule "
+                        "(default 1e-3; the DETR family's AdamW trains it with the backbone, as officially)")
     d.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
     d.add_argument("--fm-weight", type=float, default=0.1, help="feature-map loss weight (default 0.1)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
@@ -310,6 +314,8 @@ class Trainer:
             model, s = self._setup_ssd(args, preset, dist_info)
         self._setup_distill(args, model)
         model = model.to(self.device)
+        if args.amp and self.device.type == "cpu":
+            guard_strided_convs(model)  # a CPU bfloat16 weight-gradient bug on one-pixel outputs (see layers)
         if args.sync_bn:
             if self.device.type != "cuda":
                 raise ValueError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -322,15 +328,26 @@ class Trainer:
             # DETR: heads some steps leave out; ThumbDet's first phase trains the down-sampler alone.
             find_unused_parameters=self.is_detr or self.teacher is not None,
         ) if dist_info.enabled else model
+        self.thumb_optimizer = None
         if s.optimizer == "adamw":
             from toolkit.models.detr.training import param_groups
 
             groups = param_groups(model, s.base_lr, s.lr_backbone, s.lr_linear_proj_mult)
             self.optimizer = torch.optim.AdamW(groups, lr=s.base_lr, weight_decay=s.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr, momentum=s.momentum,
-                                             weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, s))
+            # ThumbDet trains its down-sampler with AdamW (lr 2e-5, with the backbone).  Under the SSD family's SGD
+            # its loss (images / 255, squared) is too small to move it in the first phase, and in the second the
+            # task loss at SGD's rates drives it off image-like outputs (a single saturated channel, 40x white):
+            # the down-sampler keeps an Adam of its own, on the same schedule.
+            thumbnailer = find_thumbnailer(model) if self.learns_thumbnail else None
+            own = set(thumbnailer.parameters()) if thumbnailer is not None else set()
+            self.optimizer = torch.optim.SGD([p for p in model.parameters() if p not in own], lr=s.base_lr,
+                                             momentum=s.momentum, weight_decay=s.weight_decay)
+            if own:
+                self.thumb_optimizer = torch.optim.Adam(thumbnailer.parameters(), lr=args.downsample_lr)
+        self.optimizers = [self.optimizer] + ([self.thumb_optimizer] if self.thumb_optimizer is not None else [])
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, s)) for o in self.optimizers]
+        self.scheduler = self.schedulers[0]
         self.scaler = torch.amp.GradScaler("cuda", enabled=args.amp and self.device.type == "cuda")
         self.iteration = 0
         self.history: list[dict] = []
@@ -350,7 +367,8 @@ class Trainer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
                 for _ in range(self.phase1_iters):
-                    self.scheduler.step()
+                    for scheduler in self.schedulers:
+                        scheduler.step()
             self.iteration = self.phase1_iters
             if dist_info.is_main:
                 print(f"--thumb-scale {args.thumb_scale} --thumb-mode {args.thumb_mode}: no down-sampler to train; "
@@ -499,6 +517,9 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            # ThumbDet's down-sampler under an SGD recipe (see __init__).
+            "thumb_optimizer": None if self.thumb_optimizer is None else self.thumb_optimizer.state_dict(),
+            "thumb_scheduler": None if self.thumb_optimizer is None else self.schedulers[1].state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
             "history": self.history,
@@ -522,6 +543,11 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.thumb_optimizer is not None:
+            if ckpt.get("thumb_optimizer") is None:
+                raise ValueError(f"{path}: no state of the down-sampler's optimizer to resume a learned thumbnail")
+            self.thumb_optimizer.load_state_dict(ckpt["thumb_optimizer"])
+            self.schedulers[1].load_state_dict(ckpt["thumb_scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
         self.history = list(ckpt["history"])
@@ -635,7 +661,8 @@ class Trainer:
         for _ in range(in_epoch, self.plan.iters_per_epoch):
             if self.iteration >= self.plan.total_iters:
                 break
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             sums = dict.fromkeys(self.loss_keys, 0.0)
             for _micro in range(s.accum):
                 images, targets = next(loader)
@@ -643,11 +670,14 @@ class Trainer:
                 for k in sums:
                     sums[k] += losses[k].item() / s.accum
             if s.clip_max_norm > 0:
-                self.scaler.unscale_(self.optimizer)
+                for optimizer in self.optimizers:
+                    self.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_max_norm)
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:  # SGD / AdamW skip parameters without a gradient (phase 1)
+                self.scaler.step(optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            for scheduler in self.schedulers:
+                scheduler.step()
             self.iteration += 1
             record = {"iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"], **sums}
             self.history.append(record)
@@ -682,13 +712,15 @@ class Trainer:
             return
         write_json({"history": self.history, "evals": self.evals}, self.out / "history.json")
         plot_loss(self.history, self.evals, self.out / "loss.png", self.loss_keys)
+        thumb_adam = "" if self.thumb_optimizer is None else f"; down-sampler on Adam, lr {self.args.downsample_lr}"
         lines = [f"# Training report: {self.args.model} on {self.args.dataset}", "",
                  f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
                  f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
                  _solver_text(self.plan.solver),
                  *([f"- distillation: ThumbDet from {self.args.teacher}, thumbnail {self.args.thumb_mode} "
                     f"{self.args.thumb_scale}x, down-sampler alone for the first {self.phase1_iters} iterations"
-                    f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}; weights down-sample "
+                    f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}"
+                    f"{thumb_adam}; weights down-sample "
                     f"{self.args.downsample_weight}, KD {self.args.kd_weight}, FM {self.args.fm_weight}"]
                    if self.teacher is not None else []),
                  f"- wall time: {seconds / 60:.1f} min",

@@ -61,7 +61,21 @@ def test_phases_switch_where_configured_and_the_teacher_stays_frozen(teacher, da
     assert with_grad and all("down_sample." in n for n in with_grad)
     trainer.optimizer.zero_grad(set_to_none=True)
 
+    # Under the SSD family's SGD the down-sampler has an Adam of its own; the DETR family's AdamW trains it with
+    # the backbone, as officially.
+    down_params = set(find_thumbnailer(trainer.model).parameters())
+    main_params = {p for group in trainer.optimizer.param_groups for p in group["params"]}
+    if model == "dsod_tiny":
+        assert set(trainer.thumb_optimizer.param_groups[0]["params"]) == down_params
+        assert not down_params & main_params and len(main_params) + len(down_params) == len(
+            list(trainer.model.parameters()))
+    else:
+        assert trainer.thumb_optimizer is None and down_params <= main_params
+
     trainer.train()
+    if model == "dsod_tiny":  # Adam stepped the down-sampler on every iteration, SGD the rest from phase 2 on
+        assert all(int(trainer.thumb_optimizer.state[p]["step"]) == 4 for p in down_params)
+        assert trainer.schedulers[1].last_epoch == 4
     history = trainer.history
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]
     task = trainer.loss_keys[1]  # loss_cls / loss_ce
@@ -114,6 +128,32 @@ def test_bicubic_and_full_size_baselines_start_at_the_second_phase(data_root, tm
         assert all(h["loss_downsample"] == 0 and h["loss_kd"] > 0 for h in history)
         state = torch.load(out / "checkpoint.pth", weights_only=True)
         assert not any("down_sample." in k for k in state["model"])  # nothing learned in front of the detector
+
+
+def test_a_killed_student_resumes_exactly(data_root, tmp_path, monkeypatch):
+    """The down-sampler's own optimizer and schedule (SSD family) come back with the checkpoint."""
+    teacher_out = tmp_path / "teacher"
+    assert train_mod.main(_args(data_root, "dsod_tiny", teacher_out, "--iters", "1")) == 0
+    student = ("--iters", "6", "--distill", "thumbdet", "--teacher", str(teacher_out / "checkpoint.pth"),
+               "--downsample-phase", "0.34", "--thumb-scale", "2")
+    assert train_mod.main(_args(data_root, "dsod_tiny", tmp_path / "full", *student)) == 0
+    reference = _history(tmp_path / "full")
+    real_checkpoint = train_mod.Trainer.checkpoint
+
+    def checkpoint_then_die(self):
+        real_checkpoint(self)
+        if self.iteration == 3:  # one step into the second phase
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.main(_args(data_root, "dsod_tiny", tmp_path / "killed", *student, "--ckpt-every", "3"))
+    monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)["thumb_optimizer"] is not None
+    assert train_mod.main(_args(data_root, "dsod_tiny", tmp_path / "killed", *student, "--resume")) == 0
+    resumed = _history(tmp_path / "killed")
+    assert [h["iteration"] for h in resumed] == list(range(1, 7))
+    assert resumed == reference  # exact: same floats, same learning rates
 
 
 def test_distillation_errors(data_root, tmp_path, capsys):

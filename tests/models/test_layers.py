@@ -1,4 +1,4 @@
-"""Shared building blocks: Caffe's JaccardOverlap and Normalize (L2Norm)."""
+"""Shared building blocks: Caffe's JaccardOverlap and Normalize (L2Norm); the strided-convolution guard."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torchvision.ops import box_iou
 
 from toolkit.models.box_coder import jaccard_normalized
-from toolkit.models.layers import L2Norm
+from toolkit.models.build import build_model
+from toolkit.models.layers import L2Norm, StridedConv2d, guard_strided_convs
 
 
 def _random_boxes(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -132,3 +133,47 @@ def test_fused_loc_conf_head_equals_separate_modules(channels_last):
         model.conf[0].bn.eps = 0.5
     for got, want in zip(head(sources), separate(sources)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [((1, 1), 3, 2, 1), ((2, 1), 3, 2, 1), ((2, 2), 3, 3, 1),
+                                                        ((5, 5), 3, 2, 1)])
+def test_guarded_strided_conv_gradients_under_cpu_autocast(size, kernel, stride, padding):
+    """Under CPU bfloat16 autocast the guarded convolution's weight gradient is the float32 one to bfloat16
+    rounding, also where the output is one pixel tall or wide: PyTorch's bfloat16 kernel returns garbage there
+    (up to 1e36, a new value each call), so each case runs five times."""
+    gen = torch.Generator().manual_seed(size[0] * 10 + size[1] + stride)
+    conv = torch.nn.Conv2d(32, 32, kernel, stride, padding)
+    reference = copy.deepcopy(conv)
+    assert guard_strided_convs(conv) == 1 and type(conv) is StridedConv2d
+    for _ in range(5):
+        x = torch.randn(24, 32, *size, generator=gen)
+        conv.zero_grad()
+        reference.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        weight = torch.randn(y.shape, generator=gen)
+        (y.float() * weight).sum().backward()
+        (reference(x) * weight).sum().backward()
+        scale = reference.weight.grad.abs().max()
+        assert (conv.weight.grad - reference.weight.grad).abs().max() <= 0.02 * scale
+        torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=0.02, atol=0.02 * scale)
+
+
+def test_guard_converts_strided_convs_in_place_and_keeps_the_state_dict():
+    model = build_model("dsod_tiny", 7)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    strided = [m for m in model.modules() if type(m) is torch.nn.Conv2d and max(m.stride) > 1]
+    assert strided and guard_strided_convs(model) == len(strided)
+    assert all(type(m) is StridedConv2d for m in strided)
+    assert list(model.parameters()) == params  # the same Parameter objects: an optimizer built before still holds
+    assert model.state_dict().keys() == state.keys()
+    assert guard_strided_convs(model) == 0
+    model.eval()
+    x = torch.randn(2, 3, 80, 80)
+    with torch.no_grad():
+        guarded = model(x)
+        for m in strided:
+            m.__class__ = torch.nn.Conv2d
+        plain = model(x)
+    torch.testing.assert_close(guarded["loc"], plain["loc"], rtol=0, atol=0)

@@ -30,6 +30,43 @@ class L2Norm(nn.Module):
         return x / norm * self.weight.to(x.dtype).view(1, -1, 1, 1)
 
 
+class StridedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with stride > 1 that runs in float32 under CPU autocast where an output side is 1.
+
+    PyTorch's CPU (oneDNN) bfloat16 convolution returns garbage weight gradients (up to 1e36, different on each
+    call; forward and input gradient are right) when the stride is above 1 and the output is one pixel tall or
+    wide: SSD extra layers reach exactly that on thumbnails (``dsod_tiny`` at 80 px maps 1x1 to 1x1 with a 3x3,
+    stride 2, pad 1 convolution) and the run diverges.  Measured on torch 2.14.1 (Intel AVX-512); see
+    ``tests/models/test_layers.py``.  Those maps are tiny, so float32 costs nothing.  Same parameters and
+    state-dict keys as a plain ``nn.Conv2d`` (:func:`guard_strided_convs` converts them).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and self._one_pixel_side(x):
+            with torch.autocast("cpu", enabled=False):
+                return self._conv_forward(x.float(), self.weight, self.bias)
+        return super().forward(x)
+
+    def _one_pixel_side(self, x: torch.Tensor) -> bool:
+        for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation):
+            if (size + 2 * p - d * (k - 1) - 1) // s + 1 == 1:
+                return True
+        return False
+
+
+def guard_strided_convs(model: nn.Module) -> int:
+    """Make every plain ``nn.Conv2d`` of ``model`` with a stride above 1 (numeric padding, zeros mode) a
+    :class:`StridedConv2d` in place; returns how many changed.  The trainer does it for
+    ``--amp`` on the CPU."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d and max(module.stride) > 1 and not isinstance(module.padding, str) \
+                and module.padding_mode == "zeros":
+            module.__class__ = StridedConv2d  # the same object: parameters, hooks and optimizer state stay
+            swapped += 1
+    return swapped
+
+
 class BNReLUConv(nn.Module):
     """Pre-activation unit of DenseNet / DSOD: Caffe ``BatchNorm`` + ``Scale`` + ``ReLU`` + ``Convolution``.
 
