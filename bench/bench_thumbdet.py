@@ -9,14 +9,19 @@ family, top-k for DETR), float32, eval mode, ``torch.no_grad``, trained weights
 (the NMS workload depends on them).  Rounds time the variants back to back after
 a warm-up; each variant's speed-up over the full-size model is the median of
 the per-round ratios, with their range.  GFLOPs: ``torch.utils.flop_counter``
-(multiply-adds count 2; deformable attention by its formula, as in
-``bench_sparse_detr.py``), post-processing left out.
+(multiply-adds count 2; the deformable attention op by the formula it registers,
+see ``toolkit.ops.ms_deform_attn``), post-processing left out.
+
+``--figure PATH`` also draws the thumbnails of a few test images, each
+variant's beside the others (nearest-neighbour enlarged to one size, so their
+pixels show), under the full-size input.
 
 Run from the repository root, e.g.::
 
     .venv/bin/python bench/bench_thumbdet.py --dataset shapes full=runs/main/checkpoint.pth \\
         bicubic2=runs/td_b2/checkpoint.pth learned2=runs/td_l2/checkpoint.pth \\
-        bicubic4=runs/td_b4/checkpoint.pth learned4=runs/td_l4/checkpoint.pth [--threads 2] [--rounds 30]
+        bicubic4=runs/td_b4/checkpoint.pth learned4=runs/td_l4/checkpoint.pth [--threads 2] [--rounds 30] \
+        [--figure docs/thumbdet_thumbnails.png]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 # benchutil also puts the repo root on sys.path if needed
-from benchutil import OtherLoad, cpu_name, register_ms_deform_attn_flops
+from benchutil import OtherLoad, cpu_name
 
 
 def model_inputs(images):
@@ -47,6 +52,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--image-index", type=int, default=0, help="which test image to time")
+    parser.add_argument("--figure", type=Path, help="write the thumbnails of --figure-images test images here (PNG)")
+    parser.add_argument("--figure-images", type=int, default=3)
     args = parser.parse_args()
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -56,7 +63,6 @@ def main() -> None:
     from toolkit.models.thumbnail import find_thumbnailer
 
     torch.set_num_threads(args.threads)
-    register_ms_deform_attn_flops()
     device = torch.device("cpu")
     variants = {}
     for item in args.variants:
@@ -78,7 +84,7 @@ def main() -> None:
     for name, (model, _, _, mAP) in variants.items():
         thumb = find_thumbnailer(model)
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+        with counter:  # not under no_grad: the counter's module hooks fail on DETR's no_grad parameter views
             model(*model_inputs(inputs))
         rows[name] = dict(mAP=mAP, params=sum(p.numel() for p in model.parameters()),
                           gflops=counter.get_total_flops() / 1e9,
@@ -105,6 +111,46 @@ def main() -> None:
     cores = load.cores()
     if cores is not None:
         print(f"other processes used {cores:.2f} cores during the measurements")
+    if args.figure is not None:
+        students = {name: find_thumbnailer(v[0]) for name, v in variants.items()}
+        students = {name: t for name, t in students.items() if t is not None}
+        if not students:
+            raise SystemExit("--figure needs at least one thumbnail student among the variants")
+        batch, _ = setup.collate([test[i] for i in range(args.figure_images)])
+        draw_thumbnails(students, model_inputs(batch)[0], rows, args.figure)
+        print(f"wrote {args.figure}")
+
+
+def draw_thumbnails(students: dict, images: torch.Tensor, rows: dict, path: Path) -> None:
+    """One row per image: the full-size input, then each student's thumbnail ([0, 1] RGB, clamped as a stored
+    image would be), enlarged by nearest neighbour to the input's size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(students.values()))
+    with torch.no_grad():
+        pixels = first.to_pixels(images)  # the normalized full-size batch back to [0, 1] RGB
+        thumbs = {name: t.downsample(pixels).clamp(0, 1) for name, t in students.items()}
+    n, cols = images.shape[0], 1 + len(students)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.3 * n), squeeze=False)
+    for i in range(n):
+        panels = [("input " + "x".join(map(str, pixels.shape[-2:])), pixels[i])]
+        for name, thumb in thumbs.items():
+            mAP = rows[name]["mAP"]
+            label = f"{rows[name]['thumb']} {'x'.join(map(str, thumb.shape[-2:]))}"
+            panels.append((label + ("" if mAP is None else f"\nmAP {100 * mAP:.1f}"), thumb[i]))
+        for ax, (title, image) in zip(axes[i], panels):
+            ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

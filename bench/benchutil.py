@@ -63,23 +63,3 @@ class OtherLoad:
             return None
         (b0, o0, t0), (b1, o1, t1) = self._start, end
         return max(0.0, (b1 - b0) - (o1 - o0)) / (t1 - t0)
-
-
-def register_ms_deform_attn_flops() -> bool:
-    """Teach ``torch.utils.flop_counter`` the compiled deformable attention op, which it does not know: per sampled
-    channel, 4 bilinear taps (8) and the attention weighting (2).  False when the op is not built (the PyTorch
-    reference is then counted op by op)."""
-    import torch
-    from torch.utils.flop_counter import register_flop_formula
-
-    try:
-        op = torch.ops.legacy_det.ms_deform_attn
-    except (AttributeError, RuntimeError):
-        return False
-
-    @register_flop_formula(op)
-    def _(value_shape, spatial_shape, start_shape, loc_shape, weight_shape, *args, **kwargs) -> int:
-        n, lq, m, n_levels, points, _ = loc_shape
-        return n * lq * m * n_levels * points * value_shape[-1] * 10
-
-    return True

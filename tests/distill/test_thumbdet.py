@@ -112,5 +112,6 @@ def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
         assert torch.allclose(t.to_pixels(out["images"]), out["downsample_input"], atol=1e-12)
     assert [k for k in Thumbnailer(4).state_dict()] == ["0.weight", "2.weight"]
     assert not Thumbnailer(4, "bicubic").state_dict()
+    assert Thumbnailer(4, "bicubic")  # no layers, yet a thumbnailer: `if thumbnailer:` must not read it as none
     with pytest.raises(ValueError, match="scale"):
         Thumbnailer(3)

@@ -118,6 +118,10 @@ class Thumbnailer(nn.Sequential):
         thumb = self.downsample(pixels)
         return {"images": self.from_pixels(thumb), "src_input": pixels, "downsample_input": thumb}
 
+    def __bool__(self) -> bool:
+        # nn.Sequential's truth is its length: the bicubic thumbnailer, with no layers, would read as "none".
+        return True
+
     def extra_repr(self) -> str:
         return f"scale={self.scale}, mode={self.mode!r}, bgr={self.bgr}"
 
