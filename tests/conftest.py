@@ -74,3 +74,45 @@ class FirstImages:
 
     def get_annotation(self, index: int):
         return self.dataset.get_annotation(index)
+
+
+# -------------------------------------------------------------- tiny trained models (the apps tests)
+def _train_tiny(data_root: Path, out: Path, model: str, *flags: str) -> Path:
+    from toolkit import train as train_mod
+
+    argv = ["--dataset", "shapes", "--model", model, "--data-root", str(data_root), "--out", str(out),
+            "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2", *flags]
+    assert train_mod.main(argv) == 0
+    return out / "checkpoint.pth"
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """``train_tiny(data_root, out, model, *flags)`` -> the checkpoint of a two-iteration toolkit.train run."""
+    return _train_tiny
+
+
+@pytest.fixture(scope="session")
+def mini_shapes_root(tmp_path_factory) -> Path:
+    """A ``--data-root`` with an 8 + 2 image ``shapes`` dataset."""
+    from toolkit.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("mini_shapes")
+    generate_shapes(root / "shapes", seed=11, num_train=8, num_test=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_shapes_image(mini_shapes_root) -> Path:
+    return sorted((mini_shapes_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_dsod_checkpoints(mini_shapes_root, tmp_path_factory) -> dict:
+    """Two-iteration ``dsod_tiny`` checkpoints: ``"teacher"`` (full size) and ``"student"`` (a ThumbDet 2x student
+    of it, learned thumbnail)."""
+    root = tmp_path_factory.mktemp("tiny_dsod")
+    teacher = _train_tiny(mini_shapes_root, root / "teacher", "dsod_tiny")
+    student = _train_tiny(mini_shapes_root, root / "student", "dsod_tiny", "--distill", "thumbdet", "--teacher",
+                          str(teacher), "--thumb-scale", "2")
+    return {"teacher": teacher, "student": student}

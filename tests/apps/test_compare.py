@@ -11,39 +11,10 @@ import pytest
 import torch
 
 from apps.compare import LoadedModel, compare_scales, filter_detections, prepare_image, scales_for
-from toolkit import train as train_mod
-from toolkit.data.shapes import SHAPES_CLASSES, generate_shapes
+from toolkit.data.shapes import SHAPES_CLASSES
 from toolkit.data.voc import read_image_bgr
 from toolkit.engine import load_trained_model
 from toolkit.predict import main as predict_main
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", seed=11, num_train=8, num_test=2, progress=False)
-    return root
-
-
-def _train(data_root, out, model, *extra):
-    argv = ["--dataset", "shapes", "--model", model, "--data-root", str(data_root), "--out", str(out),
-            "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2", *extra]
-    assert train_mod.main(argv) == 0
-    return out / "checkpoint.pth"
-
-
-@pytest.fixture(scope="module")
-def checkpoints(data_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    teacher = _train(data_root, root / "teacher", "dsod_tiny")
-    student = _train(data_root, root / "student", "dsod_tiny", "--distill", "thumbdet", "--teacher", str(teacher),
-                     "--thumb-scale", "2")
-    return {"teacher": teacher, "student": student}
-
-
-@pytest.fixture(scope="module")
-def image_path(data_root):
-    return sorted((data_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
 
 
 def _loaded(path) -> LoadedModel:
@@ -83,11 +54,11 @@ def _with_thumbnail(checkpoint, tmp_path, thumbnail):
     return path
 
 
-def test_each_scale_equals_predict_on_the_equivalent_checkpoint(checkpoints, image_path, tmp_path):
-    loaded = _loaded(checkpoints["student"])
+def test_each_scale_equals_predict_on_the_equivalent_checkpoint(tiny_dsod_checkpoints, mini_shapes_image, tmp_path):
+    loaded = _loaded(tiny_dsod_checkpoints["student"])
     assert loaded.thumbnail == (2, "learned")
     assert scales_for(loaded) == [(1, None), (2, "bicubic"), (4, "bicubic"), (2, "learned")]
-    result = compare_scales(loaded, read_image_bgr(image_path), rounds=2)
+    result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=2)
     runs = {r.label: r for r in result.runs}
     assert list(runs) == ["full", "bicubic 1/2", "bicubic 1/4", "learned 1/2"]
     assert runs["full"].input_hw == (160, 160) and runs["full"].thumbnail is None
@@ -95,35 +66,36 @@ def test_each_scale_equals_predict_on_the_equivalent_checkpoint(checkpoints, ima
     assert runs["learned 1/2"].input_hw == (78, 78) and runs["learned 1/2"].thumbnail.dtype == np.uint8
     # The student as trained; its detector without the down-sampler; and behind bicubic thumbnails: each as
     # toolkit.predict runs the checkpoint that says so.
-    _assert_same(runs["learned 1/2"], _predicted(checkpoints["student"], image_path, tmp_path / "l2"))
+    _assert_same(runs["learned 1/2"], _predicted(tiny_dsod_checkpoints["student"], mini_shapes_image, tmp_path / "l2"))
     for label, thumbnail in (("full", None), ("bicubic 1/2", {"scale": 2, "mode": "bicubic"}),
                              ("bicubic 1/4", {"scale": 4, "mode": "bicubic"})):
-        variant = _with_thumbnail(checkpoints["student"], tmp_path, thumbnail)
-        _assert_same(runs[label], _predicted(variant, image_path, tmp_path / label.replace("/", "_")))
+        variant = _with_thumbnail(tiny_dsod_checkpoints["student"], tmp_path, thumbnail)
+        _assert_same(runs[label], _predicted(variant, mini_shapes_image, tmp_path / label.replace("/", "_")))
     # The loaded model was not changed by the variants.
-    assert _loaded(checkpoints["student"]).model.state_dict().keys() == loaded.model.state_dict().keys()
+    assert _loaded(tiny_dsod_checkpoints["student"]).model.state_dict().keys() == loaded.model.state_dict().keys()
     assert loaded.thumbnail == (2, "learned")
     # GFLOPs fall with the input; every run was timed twice.
     assert runs["full"].gflops > runs["bicubic 1/2"].gflops > runs["bicubic 1/4"].gflops > 0
     assert all(len(r.times_ms) == 2 and r.latency_ms > 0 for r in result.runs)
 
 
-def test_a_full_size_model_has_no_learned_scale(checkpoints, image_path, tmp_path):
-    loaded = _loaded(checkpoints["teacher"])
+def test_a_full_size_model_has_no_learned_scale(tiny_dsod_checkpoints, mini_shapes_image, tmp_path):
+    loaded = _loaded(tiny_dsod_checkpoints["teacher"])
     assert loaded.thumbnail is None and len(scales_for(loaded)) == 3
-    result = compare_scales(loaded, read_image_bgr(image_path), rounds=1)
-    _assert_same(result.runs[0], _predicted(checkpoints["teacher"], image_path, tmp_path / "full"))
+    result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1)
+    _assert_same(result.runs[0], _predicted(tiny_dsod_checkpoints["teacher"], mini_shapes_image, tmp_path / "full"))
     with pytest.raises(ValueError, match="no learned 2x down-sampler"):
-        compare_scales(loaded, read_image_bgr(image_path), rounds=1, scales=[(2, "learned")])
+        compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1, scales=[(2, "learned")])
 
 
-def test_detr_scales(data_root, image_path, tmp_path):
-    checkpoint = _train(data_root, tmp_path / "detr", "deformable_detr_tiny")
+def test_detr_scales(train_tiny, mini_shapes_root, mini_shapes_image, tmp_path):
+    checkpoint = train_tiny(mini_shapes_root, tmp_path / "detr", "deformable_detr_tiny")
     loaded = _loaded(checkpoint)
-    result = compare_scales(loaded, read_image_bgr(image_path), rounds=1)
+    result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1)
     runs = {r.label: r for r in result.runs}
     assert list(runs) == ["full", "bicubic 1/2", "bicubic 1/4"]
-    _assert_same(runs["full"], _predicted(checkpoint, image_path, tmp_path / "full", threshold=0.0), threshold=0.0)
+    predicted = _predicted(checkpoint, mini_shapes_image, tmp_path / "full", threshold=0.0)
+    _assert_same(runs["full"], predicted, threshold=0.0)
     full_hw = runs["full"].input_hw
     assert runs["bicubic 1/4"].input_hw == ((full_hw[0] - 1) // 4 + 1, (full_hw[1] - 1) // 4 + 1)
     assert runs["bicubic 1/4"].thumbnail.shape[:2] == runs["bicubic 1/4"].input_hw
@@ -131,7 +103,7 @@ def test_detr_scales(data_root, image_path, tmp_path):
     assert loaded.thumbnail is None  # the variants were copies
 
 
-def test_speedups_are_ratios_of_median_latencies(checkpoints, image_path):
+def test_speedups_are_ratios_of_median_latencies(tiny_dsod_checkpoints, mini_shapes_image):
     """A fake clock: each call of round r, scale i lasts durations[i] + r ms, so the medians and the ratios are
     known exactly."""
     durations = [40.0, 20.0, 10.0]
@@ -143,16 +115,17 @@ def test_speedups_are_ratios_of_median_latencies(checkpoints, image_path):
         r, i = divmod(run, len(durations))
         return (run * 1000.0 + (durations[i] + r) * end) / 1e3
 
-    result = compare_scales(_loaded(checkpoints["teacher"]), read_image_bgr(image_path), rounds=3, clock=clock)
+    loaded = _loaded(tiny_dsod_checkpoints["teacher"])
+    result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=3, clock=clock)
     for run, d in zip(result.runs, durations):
         assert run.times_ms == pytest.approx([d, d + 1, d + 2])
         assert run.latency_ms == pytest.approx(d + 1)
         assert run.speedup == pytest.approx(41.0 / (d + 1))
 
 
-def test_filters_equal_a_naive_loop(checkpoints, image_path):
-    loaded = _loaded(checkpoints["teacher"])
-    run = compare_scales(loaded, read_image_bgr(image_path), rounds=1).runs[0]
+def test_filters_equal_a_naive_loop(tiny_dsod_checkpoints, mini_shapes_image):
+    loaded = _loaded(tiny_dsod_checkpoints["teacher"])
+    run = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1).runs[0]
     classes = loaded.classes
     assert classes[1:] == tuple(SHAPES_CLASSES)
     for threshold, keep in ((0.0, None), (0.05, None), (0.05, ["circle", "star"]), (1.1, None), (0.0, [])):

@@ -1,0 +1,290 @@
+"""The Gradio demo: one detector at several input scales, side by side, in the browser.
+
+    python -m apps.demo [--host 127.0.0.1] [--port 7860] [--checkpoint CKPT ...] \\
+        [--caffe NET.prototxt,WEIGHTS.caffemodel ...] [--detr OFFICIAL.pth ...] [--labelmap LABELMAP] [--rounds 5]
+
+Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the
+detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its learned
+thumbnail (:mod:`apps.compare`).  The page shows the detections of each scale side by side, the thumbnails, a
+table of latency, GFLOPs, detections and speed-up, and a chart of latency and detections against scale; the
+score threshold and the class filter redraw without running the model again.  With no model flag the demo
+serves the README's main job (``runs/main/checkpoint.pth``) or says, in the page, how to make it.
+
+The same functions answer Gradio's API (``gradio_client``): ``/compare`` (model, image file, webcam image,
+threshold, classes) returns what the page shows plus a JSON summary; ``/redraw`` re-filters the last result;
+``/load_model`` adds a checkpoint file.  See the README for an example call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a local demo
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from apps.compare import Comparison, LoadedModel, compare_scales, filter_detections  # noqa: E402
+from apps.sources import load_source  # noqa: E402
+from toolkit.data.errors import ImageReadError  # noqa: E402
+from toolkit.data.voc import read_image_bgr  # noqa: E402
+from toolkit.visualize import draw_detections  # noqa: E402
+
+MAIN_JOB = Path("runs/main/checkpoint.pth")
+MAIN_JOB_HINT = ("No model to serve yet. Train the README's main job first (`make run`, or "
+                 "`python -m toolkit.train --dataset shapes --model dsod_tiny --amp --cache-images --workers 0 "
+                 "--out runs/main`), or start the demo with `--checkpoint`, `--caffe` or `--detr`.")
+TABLE_HEADERS = ["scale", "input (h x w)", "latency ms (median)", "latency range ms", "GFLOPs", "detections",
+                 "speed-up"]
+
+
+class ModelRegistry:
+    """The loaded models by display name, and what failed to load (shown in the page)."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, LoadedModel] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()  # one timed comparison at a time: the latencies would disturb each other
+
+    def add(self, kind: str, spec: str, labelmap: Optional[str] = None) -> str:
+        """Load and register; returns the display name.  Raises the loader's own error."""
+        loaded = load_source(kind, spec, labelmap)
+        thumb = loaded.thumbnail
+        name = f"{loaded.model_name}{f' (ThumbDet {thumb[1]} {thumb[0]}x)' if thumb else ''}: {loaded.source}"
+        base, k = name, 2
+        while name in self.models:
+            name, k = f"{base} #{k}", k + 1
+        self.models[name] = loaded
+        return name
+
+    def try_add(self, kind: str, spec: str, labelmap: Optional[str] = None) -> Optional[str]:
+        try:
+            return self.add(kind, spec, labelmap)
+        except Exception as exc:  # shown in the page: the loader's own message
+            self.errors.append(f"{kind} {spec}: {error_text(exc)}")
+            return None
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, (ValueError, FileNotFoundError, ImageReadError)) else \
+        f"{type(exc).__name__}: {text}"
+
+
+def sample_images(limit: int = 4) -> list[str]:
+    """A few test images of the embedded ``shapes`` dataset (``data/shapes``; generated into a temporary folder
+    when it is not there)."""
+    from toolkit.data.shapes import generate_shapes
+
+    folder = Path("data/shapes/VOCdevkit/SHAPES/JPEGImages")
+    images = sorted(folder.glob("shapes_test_*.jpg"))[:limit] if folder.is_dir() else []
+    if not images:
+        root = Path(tempfile.mkdtemp(prefix="legacy-det-samples-")) / "shapes"
+        generate_shapes(root, seed=0, num_train=1, num_test=limit, progress=False, workers=1)
+        images = sorted((root / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("shapes_test_*.jpg"))[:limit]
+    return [str(p) for p in images]
+
+
+# ------------------------------------------------------------------------- rendering (no model runs here)
+def render(comparison: Comparison, loaded: LoadedModel, threshold: float, keep_classes: Optional[Sequence[str]]):
+    """``(gallery items, thumbnail items, table rows, figure, JSON summary)`` of a comparison at a threshold and
+    class filter."""
+    classes = loaded.classes
+    gallery, thumbs, rows, summary = [], [], [], []
+    for run in comparison.runs:
+        kept = filter_detections(run, threshold, classes, keep_classes)
+        drawn = draw_detections(comparison.image_bgr, kept["boxes"], kept["scores"], kept["labels"], classes)
+        gallery.append((cv2.cvtColor(drawn, cv2.COLOR_BGR2RGB), f"{run.label}: {len(kept['scores'])} detections"))
+        if run.thumbnail is not None:
+            h, w = run.thumbnail.shape[:2]
+            thumbs.append((run.thumbnail, f"{run.label} thumbnail, {w}x{h}"))
+        rows.append([run.label, f"{run.input_hw[0]} x {run.input_hw[1]}", round(run.latency_ms, 2),
+                     f"{min(run.times_ms):.2f}-{max(run.times_ms):.2f}", round(run.gflops, 4),
+                     int(len(kept["scores"])), round(run.speedup, 2)])
+        summary.append({"scale": run.label, "input_hw": list(run.input_hw), "latency_ms": run.latency_ms,
+                        "times_ms": run.times_ms, "gflops": run.gflops, "speedup": run.speedup,
+                        "detections": [{"box_xyxy": [round(float(v), 2) for v in box], "score": float(score),
+                                        "class": classes[int(label)]}
+                                       for box, score, label in zip(kept["boxes"], kept["scores"], kept["labels"])]})
+    return gallery, thumbs, rows, chart(rows), {"model": loaded.source, "threshold": threshold, "scales": summary}
+
+
+def chart(rows: list[list]):
+    """Latency (bars, median with the range) and detections (line) against scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r[0] for r in rows]
+    medians = [r[2] for r in rows]
+    lows, highs = zip(*(map(float, r[3].split("-")) for r in rows)) if rows else ((), ())
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = np.arange(len(rows))
+    ax.bar(x, medians, color="tab:blue", alpha=0.8, label="latency (median, ms)",
+           yerr=[np.subtract(medians, lows), np.subtract(highs, medians)], capsize=3)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("latency (ms)")
+    ax2 = ax.twinx()
+    ax2.plot(x, [r[5] for r in rows], "o-", color="tab:red", label="detections")
+    ax2.set_ylabel("detections")
+    ax2.set_ylim(bottom=0)
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------- the app
+def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] = ()):
+    import gradio as gr
+
+    def class_choices(model_key):
+        loaded = registry.models.get(model_key)
+        names = list(loaded.classes[1:]) if loaded else []
+        return gr.update(choices=names, value=names)
+
+    def status(messages: Sequence[str], error: bool = False) -> str:
+        if not messages:
+            return ""
+        prefix = "**Error:** " if error else ""
+        return "\n\n".join(prefix + m for m in messages)
+
+    def read_input(image_file, webcam):
+        if image_file:
+            return read_image_bgr(image_file)
+        if webcam is not None:
+            return cv2.cvtColor(np.asarray(webcam, dtype=np.uint8), cv2.COLOR_RGB2BGR)
+        raise ValueError("give an image: a file, a webcam snapshot or a sample")
+
+    empty = ([], [], [], None, {})
+
+    def run(model_key, image_file, webcam, threshold, keep_classes):
+        loaded = registry.models.get(model_key)
+        if loaded is None:
+            return (None, *empty, status([MAIN_JOB_HINT if not registry.models else "pick a model"], True))
+        try:
+            image = read_input(image_file, webcam)
+            with registry.lock:
+                comparison = compare_scales(loaded, image, rounds=rounds)
+            outputs = render(comparison, loaded, threshold, keep_classes)
+        except Exception as exc:  # the page shows the message, never a traceback
+            return (None, *empty, status([error_text(exc)], True))
+        notes = list(comparison.notes)
+        return ((model_key, comparison), *outputs, status(notes))
+
+    def redraw(state, threshold, keep_classes):
+        if not state:
+            return (*empty, "")
+        model_key, comparison = state
+        loaded = registry.models.get(model_key)
+        try:
+            return (*render(comparison, loaded, threshold, keep_classes), status(comparison.notes))
+        except Exception as exc:
+            return (*empty, status([error_text(exc)], True))
+
+    def load_model(model_file):
+        if not model_file:
+            return gr.update(), status(["choose a model file"], True)
+        try:
+            name = registry.add("checkpoint", model_file)
+        except Exception as exc:
+            return gr.update(), status([f"{Path(model_file).name}: {error_text(exc)}"], True)
+        return gr.update(choices=list(registry.models), value=name), status([f"loaded {name}"])
+
+    names = list(registry.models)
+    with gr.Blocks(title="legacy-det: detections across input scales") as app:
+        gr.Markdown("# legacy-det: one detector at several input scales\n"
+                    "Full size, bicubic thumbnails (1/2, 1/4) and, for a ThumbDet student, its learned thumbnail: "
+                    "detections, latency (median of several runs after a warm-up, batch 1, preprocessed image in, "
+                    "detections out), GFLOPs of the forward pass and the speed-up over full size.")
+        startup = [MAIN_JOB_HINT] if not registry.models else []
+        page_status = gr.Markdown(status(startup + registry.errors, bool(startup or registry.errors)),
+                                  elem_id="status")
+        with gr.Row():
+            model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="model",
+                                scale=3)
+            model_file = gr.File(label="Load another checkpoint (.pth)", type="filepath", elem_id="model_file",
+                                 scale=2)
+        with gr.Row():
+            with gr.Column():
+                image_file = gr.File(label="Image file", type="filepath", elem_id="image_file")
+                webcam = gr.Image(sources=["webcam"], type="numpy", label="or a webcam snapshot", elem_id="webcam")
+                if samples:
+                    gr.Examples([[s] for s in samples], inputs=[image_file],
+                                label="Samples from the embedded shapes dataset")
+            with gr.Column():
+                threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold", elem_id="threshold")
+                first = registry.models.get(names[0]) if names else None
+                class_names = list(first.classes[1:]) if first else []
+                keep = gr.CheckboxGroup(class_names, value=class_names, label="Classes", elem_id="classes")
+                button = gr.Button("Run at every scale", variant="primary", elem_id="run")
+        gallery = gr.Gallery(label="Detections by scale", columns=4, height="auto", elem_id="detections")
+        thumbs = gr.Gallery(label="Thumbnails the detector saw", columns=4, height="auto", elem_id="thumbnails")
+        table = gr.Dataframe(headers=TABLE_HEADERS, label="Per scale", elem_id="table", interactive=False)
+        plot = gr.Plot(label="Latency and detections against scale", elem_id="chart")
+        with gr.Accordion("JSON summary", open=False):
+            summary = gr.JSON(elem_id="summary")
+        state = gr.State(None)
+
+        model.change(class_choices, model, keep, api_visibility="private")
+        model_file.upload(load_model, model_file, [model, page_status], api_name="load_model")
+        button.click(run, [model, image_file, webcam, threshold, keep],
+                     [state, gallery, thumbs, table, plot, summary, page_status], api_name="compare",
+                     concurrency_limit=1)
+        for control in (threshold, keep):
+            control.change(redraw, [state, threshold, keep], [gallery, thumbs, table, plot, summary, page_status],
+                           api_name="redraw" if control is threshold else None,
+                           api_visibility="public" if control is threshold else "private")
+    return app
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apps.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
+                   help="a toolkit.train, converters.caffe or converters.detr checkpoint (repeatable)")
+    p.add_argument("--caffe", action="append", default=[], metavar="NET.prototxt,WEIGHTS.caffemodel",
+                   help="a Caffe SSD / DSOD model, converted on loading (repeatable)")
+    p.add_argument("--detr", action="append", default=[], metavar="OFFICIAL.pth",
+                   help="an official Deformable DETR, Sparse DETR or ThumbDet checkpoint (repeatable)")
+    p.add_argument("--labelmap", help="Caffe labelmap: class names for converted Caffe models")
+    p.add_argument("--rounds", type=int, default=5, help="timed runs per scale (default 5)")
+    return p
+
+
+def make_registry(args) -> ModelRegistry:
+    registry = ModelRegistry()
+    sources = ([("checkpoint", c) for c in args.checkpoint] + [("caffe", c) for c in args.caffe]
+               + [("detr", c) for c in args.detr])
+    if not sources and MAIN_JOB.is_file():
+        sources = [("checkpoint", str(MAIN_JOB))]
+    for kind, spec in sources:
+        registry.try_add(kind, spec, args.labelmap)
+    return registry
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    registry = make_registry(args)
+    for message in registry.errors:
+        print(f"error: {message}", file=sys.stderr)
+    app = build_app(registry, args.rounds, sample_images())
+    print(f"serving {len(registry.models)} model(s) on http://{args.host}:{args.port}")
+    app.launch(server_name=args.host, server_port=args.port, show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

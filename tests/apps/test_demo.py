@@ -1,0 +1,153 @@
+"""apps.demo served for real and driven in headless Chromium (Debian's ``chromium`` through playwright-python's
+``executable_path``; no browser download), then through ``gradio_client``.  What the page shows is checked against
+:func:`apps.compare.compare_scales` and :func:`apps.compare.filter_detections` run here on the same model and
+image (detection counts do not depend on timing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+
+import pytest
+
+from apps import demo
+from apps.compare import compare_scales, filter_detections
+from toolkit.data.voc import read_image_bgr
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _require_browser():
+    missing = []
+    if CHROMIUM is None:
+        missing.append("Debian's chromium (make test installs it as root: apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright-python (the test extra)")
+    if missing:
+        message = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dsod_checkpoints, tmp_path_factory):
+    """The demo serving the ThumbDet student and a file that fails to load, on a free local port."""
+    bad = tmp_path_factory.mktemp("bad") / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    args = demo.get_args_parser().parse_args(["--checkpoint", str(tiny_dsod_checkpoints["student"]),
+                                              "--checkpoint", str(bad), "--rounds", "2"])
+    registry = demo.make_registry(args)
+    app = demo.build_app(registry, rounds=2)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}", registry
+    app.close()
+
+
+def _counts(registry, mini_shapes_image, threshold):
+    loaded = next(iter(registry.models.values()))
+    comparison = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1)
+    return {r.label: len(filter_detections(r, threshold, loaded.classes)["scores"]) for r in comparison.runs}
+
+
+def _captions(page, gallery_id):
+    text = page.inner_text(f"#{gallery_id}")
+    return dict((label, int(n)) for label, n in re.findall(r"([a-z]+(?: 1/\d)?): (\d+) detections", text))
+
+
+def test_the_page_runs_compares_redraws_and_reports_errors(served, mini_shapes_image, tmp_path):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    url, registry = served
+    expected = _counts(registry, mini_shapes_image, 0.3)
+    assert list(expected) == ["full", "bicubic 1/2", "bicubic 1/4", "learned 1/2"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(url)
+        page.wait_for_selector("#run")
+        # The file that failed to load is named in the page, with the loader's message.
+        assert "broken.pth" in page.inner_text("#status") and "not a readable PyTorch checkpoint" in \
+            page.inner_text("#status")
+
+        page.set_input_files("#image_file input[type=file]", str(mini_shapes_image))
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#table') && "
+                               "document.querySelector('#table').innerText.includes('learned 1/2')", timeout=60000)
+        page.wait_for_selector("#detections img")
+        page.wait_for_selector("#chart img, #chart svg, #chart canvas")
+        assert _captions(page, "detections") == expected
+        table = page.inner_text("#table")
+        for label, n in expected.items():
+            assert re.search(rf"{re.escape(label)}\s+\S+ x \S+\s+[\d.]+\s+[\d.]+-[\d.]+\s+[\d.]+\s+{n}\b", table), \
+                (label, n, table)
+        thumbs = page.inner_text("#thumbnails")
+        assert "bicubic 1/2 thumbnail, 78x78" in thumbs and "learned 1/2 thumbnail, 78x78" in thumbs
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        drawings = page.eval_on_selector_all("#detections img", "els => els.map(e => e.src)")
+
+        # The slider redraws without running the model again: the counts follow the new threshold.
+        lower = _counts(registry, mini_shapes_image, 0.1)
+        assert lower != expected
+        latencies = re.findall(r"\s(\d+\.\d+-\d+\.\d+)\s", page.inner_text("#table"))
+        page.locator("#threshold input[type=range]").fill("0.1")
+        captions = [f"{label}: {n} detections" for label, n in lower.items()]
+        page.wait_for_function(
+            "(want) => want.every(c => document.querySelector('#detections').innerText.includes(c))",
+            arg=captions, timeout=30000)
+        assert _captions(page, "detections") == lower
+        assert page.input_value("#threshold input[type=number]") == "0.1"
+        assert re.findall(r"\s(\d+\.\d+-\d+\.\d+)\s", page.inner_text("#table")) == latencies  # not rerun
+        # The drawings of the scales whose count changed, and only those, were redrawn.
+        redrawn = page.eval_on_selector_all("#detections img", "els => els.map(e => e.src)")
+        assert [a != b for a, b in zip(drawings, redrawn)] == [expected[k] != lower[k] for k in expected]
+
+        # A file that is not an image: the error, in the page.
+        text_file = tmp_path / "notes.txt"
+        text_file.write_text("not an image")
+        page.click("#image_file button[aria-label='Clear']")
+        page.set_input_files("#image_file input[type=file]", str(text_file))
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('not a decodable image')",
+                               timeout=30000)
+        assert "Traceback" not in page.inner_text("body")
+        browser.close()
+
+
+def test_the_same_through_gradio_client(served, mini_shapes_image):
+    from gradio_client import Client, handle_file
+
+    url, registry = served
+    name = next(iter(registry.models))
+    client = Client(url, verbose=False)
+    classes = list(registry.models[name].classes[1:])
+    image = handle_file(str(mini_shapes_image))
+    *_, summary, status = client.predict(name, image, None, 0.1, classes, api_name="/compare")
+    assert status == ""
+    got = {s["scale"]: len(s["detections"]) for s in summary["scales"]}
+    assert got == _counts(registry, mini_shapes_image, 0.1)
+    assert all(s["latency_ms"] > 0 and s["gflops"] > 0 for s in summary["scales"])
+    # The class filter through the API: one class only.
+    *_, summary, _ = client.predict(name, image, None, 0.1, classes[:1], api_name="/compare")
+    assert all(d["class"] == classes[0] for s in summary["scales"] for d in s["detections"])
+
+
+def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/main/checkpoint.pth here
+    registry = demo.make_registry(demo.get_args_parser().parse_args([]))
+    assert not registry.models and not registry.errors
+    app = demo.build_app(registry)
+    status = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "status")
+    assert "make run" in status.value and "--out runs/main" in status.value
