@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolkit.engine import add_ssd_thumbnail, inference_setup, predict_batch, to_image_pixels
+from toolkit.engine import InferenceSetup, add_ssd_thumbnail, inference_setup, predict_batch, to_image_pixels
 from toolkit.models.thumbnail import Thumbnailer, find_thumbnailer, thumbnail_size
 
 MAX_SIDE = 2048  # larger images are downscaled first (a note says so)
@@ -38,12 +38,19 @@ SCALE_NAMES = {1: "full", 2: "1/2", 4: "1/4"}
 @dataclass
 class LoadedModel:
     """A detector and what running it needs: the preset name (``model_name``), its classes (``"background"``
-    first) and where it came from (``source``, shown in the UI)."""
+    first) and where it came from (``source``, shown in the UI).
+
+    ``setup`` replaces the preset's test-time pipeline (:func:`toolkit.engine.inference_setup`) for a model that
+    is no preset (a converted Caffe net run as it is); ``fixed_input``: it runs at its own input size only (a
+    Caffe net's PriorBox layers are written in its input's pixels, so it has no thumbnail scales).
+    """
 
     model: nn.Module
     model_name: str
     classes: tuple[str, ...]
     source: str
+    setup: Optional[InferenceSetup] = None
+    fixed_input: bool = False
 
     @property
     def is_detr(self) -> bool:
@@ -130,7 +137,10 @@ def prepare_image(image_bgr: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.n
 
 
 def scales_for(loaded: LoadedModel) -> list[tuple[int, Optional[str]]]:
-    """The ``(scale, mode)`` pairs to run: full size, bicubic 1/2 and 1/4, and the model's learned thumbnail."""
+    """The ``(scale, mode)`` pairs to run: full size, bicubic 1/2 and 1/4, and the model's learned thumbnail
+    (full size alone for a ``fixed_input`` model)."""
+    if loaded.fixed_input:
+        return [(1, None)]
     pairs: list[tuple[int, Optional[str]]] = [(1, None), (2, "bicubic"), (4, "bicubic")]
     if loaded.thumbnail is not None and loaded.thumbnail[1] == "learned":
         pairs.append(loaded.thumbnail)
@@ -152,6 +162,9 @@ def at_scale(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.Module:
         return loaded.model
     if mode == "learned":
         raise ValueError(f"{loaded.source} has no learned {scale}x down-sampler")
+    if loaded.fixed_input:
+        raise ValueError(f"{loaded.source} runs at its own input size only (a Caffe net's priors are in its "
+                         "input's pixels)")
     if loaded.is_detr:
         variant = copy.deepcopy(loaded.model)
         body = variant.backbone[0]
@@ -193,7 +206,7 @@ def compare_scales(loaded: LoadedModel, image_bgr: np.ndarray, rounds: int = 5, 
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     image, notes = prepare_image(image_bgr)
-    setup = inference_setup(loaded.model_name, len(loaded.classes))
+    setup = loaded.setup or inference_setup(loaded.model_name, len(loaded.classes))
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     inputs, _ = setup.collate([setup.transform(image, empty)])
     device = next(loaded.model.parameters()).device

@@ -1,7 +1,8 @@
 """The Gradio demo: one detector at several input scales, side by side, in the browser.
 
     python -m apps.demo [--host 127.0.0.1] [--port 7860] [--checkpoint CKPT ...] \\
-        [--caffe NET.prototxt,WEIGHTS.caffemodel ...] [--detr OFFICIAL.pth ...] [--labelmap LABELMAP] [--rounds 5]
+        [--caffe NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt] ...] [--detr OFFICIAL.pth ...] \
+        [--labelmap LABELMAP] [--rounds 5]
 
 Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the
 detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its learned
@@ -252,8 +253,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
                    help="a toolkit.train, converters.caffe or converters.detr checkpoint (repeatable)")
-    p.add_argument("--caffe", action="append", default=[], metavar="NET.prototxt,WEIGHTS.caffemodel",
-                   help="a Caffe SSD / DSOD model, converted on loading (repeatable)")
+    p.add_argument("--caffe", action="append", default=[],
+                   metavar="NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt]",
+                   help="a Caffe SSD-fork detector, converted on loading; the train prototxt gives its preprocessing "
+                        "and labelmap (repeatable)")
     p.add_argument("--detr", action="append", default=[], metavar="OFFICIAL.pth",
                    help="an official Deformable DETR, Sparse DETR or ThumbDet checkpoint (repeatable)")
     p.add_argument("--labelmap", help="Caffe labelmap: class names for converted Caffe models")

@@ -1,10 +1,13 @@
 """Where the demo's models come from: every kind of file the toolkit loads, as :class:`apps.compare.LoadedModel`.
 
 - ``checkpoint``: a ``toolkit.train`` checkpoint (a ThumbDet student included), a ``converters.caffe convert``
-  checkpoint of a net that maps onto a native preset (DSOD300, SSD300, GRP-DSOD320), or a
-  ``converters.detr convert`` checkpoint;
-- ``caffe``: ``NET.prototxt,WEIGHTS.caffemodel``, converted in memory (a temporary file) as
-  ``python -m converters.caffe convert`` would;
+  checkpoint, or a ``converters.detr convert`` checkpoint.  A converted Caffe net that maps onto a native preset
+  (DSOD300, SSD300, GRP-DSOD320) becomes that model; any other SSD-fork net runs as it is
+  (:class:`CaffeNetDetector`, as ``python -m converters.caffe detect`` runs it: at its own input size, with the
+  preprocessing and class names ``convert`` stored);
+- ``caffe``: ``NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt]``, converted in memory (a temporary file) as
+  ``python -m converters.caffe convert --train-prototxt`` would (the train prototxt's data layer gives the
+  preprocessing and its labelmap the class names);
 - ``detr``: an official Deformable DETR, Sparse DETR or ThumbDet checkpoint, converted in memory as
   ``python -m converters.detr convert`` would.
 
@@ -21,7 +24,12 @@ from typing import Optional
 from apps.compare import LoadedModel
 from toolkit.data.labelmap import read_labelmap
 from toolkit.data.voc import VOC_CLASSES
-from toolkit.engine import detr_default_classes, is_converted_checkpoint, model_from_checkpoint, read_checkpoint
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit.engine import (InferenceSetup, detr_default_classes, is_converted_checkpoint, model_from_checkpoint,
+                            read_checkpoint)
 
 SOURCE_KINDS = ("checkpoint", "caffe", "detr")
 
@@ -30,10 +38,57 @@ def _classes_from(labelmap: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if labelmap is None else ("background", *read_labelmap(labelmap).foreground)
 
 
+class CaffeNetDetector(nn.Module):
+    """A converted SSD-fork Caffe net with its DetectionOutput (:class:`converters.caffe.detect.CaffeDetector`) as
+    a module: ``forward(images (1, 3, H, W) preprocessed) -> the DetectionOutput top``; the parameters are the
+    net's.  :meth:`predict` is the demo's ``predict_fn``."""
+
+    def __init__(self, detector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.net = detector.net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net({self.detector.input_name: images}, blobs=[self.detector.layer.top])[self.detector.layer.top]
+
+    @staticmethod
+    def predict(model: "CaffeNetDetector", inputs: torch.Tensor, device) -> list[dict]:
+        """Per image: ``boxes`` float32 (K, 4) normalized xyxy, ``scores`` (K,), ``labels`` int64 (K,)."""
+        return [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in det.items()}
+                for det in model.detector(inputs.to(device))]
+
+
+def load_caffe_as_is(net: Optional[str], weights: str, labelmap: Optional[str] = None,
+                     train_prototxt: Optional[str] = None) -> LoadedModel:
+    """Any SSD-fork detection net (a prototxt + caffemodel, or a ``convert`` checkpoint with ``net`` None), run as
+    ``python -m converters.caffe detect`` runs it."""
+    from converters.caffe.detect import load_detector
+
+    loaded = load_detector(net, weights, labelmap=labelmap, train_prototxt=train_prototxt, fast=True)
+    transform = loaded.preprocessing.transform()
+    from toolkit.data.transforms import collate_detection
+
+    setup = InferenceSetup(transform, collate_detection, CaffeNetDetector.predict, None, 1)
+    name = f"caffe:{loaded.detector.net.name or 'net'}"
+    return LoadedModel(CaffeNetDetector(loaded.detector).eval(), name, tuple(loaded.classes.names), loaded.source,
+                       setup=setup, fixed_input=True)
+
+
+def _maps_onto_a_preset(ckpt: dict) -> bool:
+    from toolkit.models.build import presets_for_caffe_layers
+    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
+
+    return bool(presets_for_caffe_layers([n for n, blobs in ckpt[CONVERTED_BLOBS_KEY].items() if len(blobs)]))
+
+
 def load_checkpoint_file(path: str, labelmap: Optional[str] = None) -> LoadedModel:
     """A ``toolkit.train``, ``converters.caffe convert`` or ``converters.detr convert`` checkpoint.  A converted
-    Caffe net without stored class names takes ``labelmap``'s, else VOC's (the converted presets are VOC
-    models), as ``toolkit.predict`` does."""
+    Caffe net of a native preset without stored class names takes ``labelmap``'s, else VOC's (the converted
+    presets are VOC models), as ``toolkit.predict`` does; one of no preset runs as it is."""
+    if Path(path).is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if _is_torch_file(path) else None
+        if is_converted_checkpoint(ckpt) and not _maps_onto_a_preset(ckpt):
+            return load_caffe_as_is(None, path, labelmap)
     ckpt, name = read_checkpoint(path)
     classes = _classes_from(labelmap)
     if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
@@ -42,19 +97,28 @@ def load_checkpoint_file(path: str, labelmap: Optional[str] = None) -> LoadedMod
     return LoadedModel(model, name, tuple(classes), str(path))
 
 
+def _is_torch_file(path: str) -> bool:
+    from converters.caffe.cli import is_zip_file
+
+    return is_zip_file(path)
+
+
 def load_caffe(spec: str, labelmap: Optional[str] = None) -> LoadedModel:
-    """``NET.prototxt,WEIGHTS.caffemodel`` -> the native preset its layers map onto, with Caffe's weights."""
+    """``NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt]`` -> the native preset its layers map onto, with Caffe's
+    weights; a net of no preset runs as it is (:func:`load_caffe_as_is`)."""
     from converters.caffe import cli
     from converters.caffe.detect import convert_metadata
 
     parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"--caffe takes NET.prototxt,WEIGHTS.caffemodel, got {spec!r}")
-    net, weights = parts
-    extra, _ = convert_metadata(cli.read_definition(net), net, labelmap=labelmap)
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"--caffe takes NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt], got {spec!r}")
+    net, weights, train = (*parts, None)[:3]
+    extra, _ = convert_metadata(cli.read_definition(net), net, train_prototxt=train, labelmap=labelmap)
     with tempfile.TemporaryDirectory(prefix="legacy-det-demo-") as tmp:
         out = Path(tmp) / "converted.pth"
         cli.convert(net, weights, out, extra=extra)
+        if not _maps_onto_a_preset(torch.load(out, map_location="cpu", weights_only=True)):
+            return load_caffe_as_is(net, weights, labelmap, train)
         loaded = load_checkpoint_file(str(out), labelmap)
     loaded.source = f"{net} + {weights}"
     return loaded

@@ -50,3 +50,42 @@ def test_source_errors_name_what_is_wrong(tmp_path):
         load_source("detr", str(tmp_path / "nothing.pth"))
     with pytest.raises(ValueError, match="unknown model source"):
         load_source("onnx", "model.onnx")
+
+
+def test_a_caffe_net_of_no_preset_runs_as_it_is_and_finds_what_caffe_found(tmp_path):
+    """The real-weights face detector (no native preset): full size only, its preprocessing and class names from
+    the train prototxt, its detections those real Caffe computed."""
+    from apps.compare import compare_scales, scales_for
+    from toolkit.data.voc import read_image_bgr
+
+    folder = require_fixture("caffe/yufacedetectnet_v1")
+    labelmap = tmp_path / "labelmap_face.prototxt"
+    labelmap.write_text('item { name: "none_of_the_above" label: 0 display_name: "background" }\n'
+                        'item { name: "face" label: 1 display_name: "face" }\n')
+    files = ("yufacedetectnet-open-v1.prototxt", "yufacedetectnet-open-v1.caffemodel",
+             "yufacedetectnet-open-v1.train.prototxt")
+    spec = ",".join(str(folder / f) for f in files)
+    loaded = load_source("caffe", spec, str(labelmap))
+    assert loaded.fixed_input and loaded.classes == ("background", "face") and scales_for(loaded) == [(1, None)]
+    run, = compare_scales(loaded, read_image_bgr(folder / "keliamoniz1.jpg"), rounds=1).runs
+    assert run.label == "full" and run.input_hw == (240, 320) and run.gflops > 0
+    caffe = np.load(folder / "forward_keliamoniz1_320x240.npz")["detection_out"][0, 0]
+    caffe = caffe[caffe[:, 2] >= 0.05]
+    keep = run.scores >= 0.05
+    assert keep.sum() == len(caffe) > 0
+    np.testing.assert_allclose(run.scores[keep], caffe[:, 2], atol=1e-4)
+    np.testing.assert_allclose(run.boxes[keep], np.clip(caffe[:, 3:7], 0, 1) * [640, 480, 640, 480], atol=0.5)
+    assert (run.labels[keep] == caffe[:, 1]).all()
+    with pytest.raises(ValueError, match="its own input size only"):
+        compare_scales(loaded, read_image_bgr(folder / "keliamoniz1.jpg"), rounds=1, scales=[(2, "bicubic")])
+    # The same net converted by python -m converters.caffe convert, given as a checkpoint: the same detections.
+    from converters.caffe.__main__ import main as caffe_main
+
+    ckpt = tmp_path / "face.pth"
+    assert caffe_main(["convert", str(folder / files[0]), str(folder / files[1]), "-o", str(ckpt),
+                       "--train-prototxt", str(folder / files[2]), "--labelmap", str(labelmap)]) == 0
+    again = load_source("checkpoint", str(ckpt))
+    assert again.fixed_input and again.classes == ("background", "face")
+    rerun, = compare_scales(again, read_image_bgr(folder / "keliamoniz1.jpg"), rounds=1).runs
+    np.testing.assert_array_equal(rerun.scores, run.scores)
+    np.testing.assert_array_equal(rerun.boxes, run.boxes)
