@@ -74,8 +74,11 @@ def test_the_page_runs_compares_redraws_and_reports_errors(served, mini_shapes_i
     expected = _counts(registry, mini_shapes_image, 0.3)
     assert list(expected) == ["full", "bicubic 1/2", "bicubic 1/4", "learned 1/2"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        # Chromium's fake camera (a test pattern) stands in for a webcam.
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--use-fake-ui-for-media-stream",
+                                          "--use-fake-device-for-media-stream"])
+        page = browser.new_context(permissions=["camera"], viewport={"width": 1400, "height": 1800}).new_page()
         page.goto(url)
         page.wait_for_selector("#run")
         # The file that failed to load is named in the page, with the loader's message.
@@ -123,6 +126,19 @@ def test_the_page_runs_compares_redraws_and_reports_errors(served, mini_shapes_i
         page.wait_for_function("document.querySelector('#status').innerText.includes('not a decodable image')",
                                timeout=30000)
         assert "Traceback" not in page.inner_text("body")
+        assert page.inner_text("#table").count("learned 1/2") == 0  # the failed run cleared the results
+
+        # A webcam snapshot instead of a file.
+        page.click("#image_file button[aria-label='Clear']")
+        page.click("#webcam button:has-text('Click to Access Webcam')")
+        page.wait_for_function("(() => { const v = document.querySelector('#webcam video'); "
+                               "return v && v.readyState >= 2 && v.videoWidth > 0; })()", timeout=30000)
+        page.click("#webcam button[aria-label='capture photo']")
+        page.wait_for_selector("#webcam img")
+        page.click("#run")
+        page.wait_for_function("document.querySelector('#table').innerText.includes('learned 1/2')", timeout=60000)
+        assert page.inner_text("#status").strip() == ""
+        assert set(_captions(page, "detections")) == set(expected)
         browser.close()
 
 
