@@ -348,3 +348,36 @@ def test_detr_trains_under_amp_with_its_learning_rate_flags(data_root, tmp_path)
     args = train_mod.get_args_parser().parse_args(["--model", "dsod_tiny", "--lr-backbone", "1e-3"])
     with pytest.raises(ValueError, match="--lr-backbone"):
         train_mod.resolve_plan(args, train_mod.SOLVERS["dsod_tiny"], train_len=100, world=1)
+
+
+def test_voting_cluster_diou_nms_in_training_evaluate_and_predict(data_root, tmp_path, capsys):
+    from toolkit.evaluate import main as evaluate_main
+    from toolkit.predict import main as predict_main
+
+    out = tmp_path / "run"
+    assert train_mod.main(_args(data_root, out, "--iters", "2", "--workers", "0", "--nms", "voting_cluster_diou")) == 0
+    trained = json.loads((out / "metrics.json").read_text())["mAP"]
+    common = ["--checkpoint", str(out / "checkpoint.pth"), "--dataset", "shapes", "--data-root", str(data_root)]
+    results = {}
+    for nms in ("voting_cluster_diou", "greedy"):
+        assert evaluate_main([*common, "--nms", nms, "--json", str(tmp_path / f"{nms}.json"),
+                              "--write-detections", str(tmp_path / nms)]) == 0
+        results[nms] = json.loads((tmp_path / f"{nms}.json").read_text())["mAP"]
+    assert results["voting_cluster_diou"] == pytest.approx(trained, abs=1e-9)  # the trainer's evaluation used it
+    submission = sorted((tmp_path / "greedy").rglob("*.txt"))[0]
+    voted = tmp_path / "voting_cluster_diou" / submission.relative_to(tmp_path / "greedy")
+    assert submission.read_text() != voted.read_text()
+    image = sorted((data_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+    for nms in ("voting_cluster_diou", "greedy"):
+        assert predict_main(["--checkpoint", str(out / "checkpoint.pth"), str(image), "--out", str(tmp_path / nms),
+                             "--score-threshold", "0.0", "--nms", nms]) == 0
+    boxes = {nms: json.loads((tmp_path / nms / "detections.json").read_text())["detections"][0]["boxes"]
+             for nms in ("voting_cluster_diou", "greedy")}
+    assert boxes["voting_cluster_diou"] != boxes["greedy"]
+    capsys.readouterr()
+    assert evaluate_main(["--voc-root", str(data_root / "shapes" / "VOCdevkit"), "--subdir", "SHAPES",
+                          "--detections", str(tmp_path / "greedy"), "--nms", "voting_cluster_diou"]) == 2
+    assert "--nms applies to --checkpoint" in capsys.readouterr().err
+    assert train_mod.main(_args(data_root, tmp_path / "detr", "--model", "deformable_detr_tiny", "--iters", "1",
+                                "--nms", "voting_cluster_diou")) == 2
+    assert "has no NMS" in capsys.readouterr().err

@@ -10,7 +10,7 @@ whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -421,11 +421,21 @@ class InferenceSetup:
     batch_size: int
 
 
-def inference_setup(model_name: str, num_classes: int) -> InferenceSetup:
-    """The test-time pipeline of a preset (``num_classes`` with the background)."""
-    from toolkit.models.detr.training import DETR_PRESETS
+def inference_setup(model_name: str, num_classes: int, nms: str = "greedy") -> InferenceSetup:
+    """The test-time pipeline of a preset (``num_classes`` with the background).  ``nms``: the SSD family's NMS
+    (:data:`toolkit.models.postprocess.NMS_KINDS`); the DETR family has none (its post-processing is a top-k).
 
+    Raises:
+        ValueError: an unknown ``nms``, or another NMS than ``"greedy"`` for the DETR family.
+    """
+    from toolkit.models.detr.training import DETR_PRESETS
+    from toolkit.models.postprocess import NMS_KINDS
+
+    if nms not in NMS_KINDS:
+        raise ValueError(f"unknown NMS {nms!r}; choose from {NMS_KINDS}")
     if model_name in DETR_PRESETS:
+        if nms != "greedy":
+            raise ValueError(f"--nms {nms}: {model_name} has no NMS (the DETR family's post-processing is a top-k)")
         from toolkit.data.detr_transforms import DETRTestTransform, collate_padded
         from toolkit.models.detr.training import detr_predict
 
@@ -437,7 +447,7 @@ def inference_setup(model_name: str, num_classes: int) -> InferenceSetup:
 
     spec = INPUTS[model_name]
     return InferenceSetup(SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]), collate_detection, None,
-                          default_postprocess(num_classes), 16)
+                          replace(default_postprocess(num_classes), nms=nms), 16)
 
 
 def relabel(predict_fn: Optional[Callable], params, mapping: dict[int, int]) -> Callable:

@@ -69,6 +69,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--labelmap", type=Path, help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
     p.add_argument("--prefix", default="comp4", help="submission file prefix (default comp4)")
     p.add_argument("--coco-annotations", type=Path, help="COCO instances JSON: evaluate --detections as COCO results")
+    p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
+                   help="with --checkpoint, SSD family: greedy (Caffe's DetectionOutput, default) or "
+                        "voting_cluster_diou (LD's score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")
     p.add_argument("--json", type=Path, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, help="write precision-recall curves (PNG) here")
     return p
@@ -120,7 +123,7 @@ def _run_checkpoint(args) -> dict:
     dataset = build_dataset(args.dataset, "test", root=args.data_root)
     model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name,
                                                  dataset.classes if use_dataset_classes else None, device)
-    setup = inference_setup(name, len(classes))
+    setup = inference_setup(name, len(classes), args.nms)
     dataset.transform = setup.transform  # every dataset class applies self.transform in __getitem__
     predict_fn = setup.predict_fn
     if tuple(dataset.classes) != classes:
@@ -167,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = _run_checkpoint(args)
         elif args.detections is None:
             raise SystemExit("error: give --detections (VOC folder or COCO results) or --checkpoint")
+        elif args.nms != "greedy":
+            raise ValueError("--nms applies to --checkpoint: --detections are already post-processed")
         else:
             out = _run_coco(args) if args.coco_annotations else _run_voc(args)
     except (DatasetError, SubmissionFormatError, FileNotFoundError, KeyError, ValueError) as exc:

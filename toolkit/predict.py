@@ -47,6 +47,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "names 'convert --labelmap' stored, else VOC's 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections above this score (default 0.3)")
+    p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
+                   help="SSD family: greedy (Caffe's DetectionOutput, default) or voting_cluster_diou (LD's "
+                        "score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")
     p.add_argument("--save-thumbnails", action="store_true",
                    help="a thumbnail model (ThumbDet): also write <stem>_thumbnail.png, the down-sampled image its "
                         "detector sees")
@@ -67,7 +70,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup = inference_setup(name, len(classes))
+    try:
+        setup = inference_setup(name, len(classes), args.nms)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     thumbnailer = find_thumbnailer(model)
     if args.save_thumbnails and thumbnailer is None:
         print(f"error: {args.checkpoint}: --save-thumbnails needs a thumbnail model (toolkit.train --distill "

@@ -196,6 +196,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
     d.add_argument("--fm-weight", type=float, default=0.1, help="feature-map loss weight (default 0.1)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
+    p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
+                   help="the evaluations' NMS, SSD family: greedy (Caffe's DetectionOutput, default) or "
+                        "voting_cluster_diou (LD's score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N iterations (0: every epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -420,7 +423,7 @@ class Trainer:
                 if dist_info.is_main:
                     print(f"--init-from: {note}")
         self.criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=len(self.classes)))
-        self.post = default_postprocess(len(self.classes))
+        self.post = replace(default_postprocess(len(self.classes)), nms=args.nms)
         self.predict_fn = None
         self.loss_keys = ("loss", "loss_box", "loss_cls")
         return model, s
@@ -469,6 +472,9 @@ class Trainer:
                                                           sparse=cfg.family == "sparse",
                                                           use_enc_aux_loss=cfg.use_enc_aux_loss, rho=cfg.rho),
                                       eff_specific_head=cfg.eff_specific_head)
+        if args.nms != "greedy":
+            raise ValueError(f"--nms {args.nms}: {args.model} has no NMS (the DETR family's post-processing is a "
+                             "top-k)")
         self.post = None
         self.predict_fn = detr_predict
         self.loss_keys = ("loss", "loss_ce", "loss_bbox", "loss_giou")
