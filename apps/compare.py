@@ -51,6 +51,8 @@ class LoadedModel:
     source: str
     setup: Optional[InferenceSetup] = None
     fixed_input: bool = False
+    # (scale, mode) -> the detector at that scale (see at_scale), built once
+    variants: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_detr(self) -> bool:
@@ -150,9 +152,9 @@ def scales_for(loaded: LoadedModel) -> list[tuple[int, Optional[str]]]:
 def at_scale(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.Module:
     """The loaded detector behind a ``scale`` thumbnail of ``mode`` (``scale`` 1: the full-size input).
 
-    The model itself when that is how it was trained; otherwise a copy (the loaded model is not changed): a
-    DETR's backbone gets another thumbnailer; an SSD-family model is rebuilt from its preset (priors for its
-    input) with the detector's weights.
+    The model itself when that is how it was trained; otherwise a copy, built once and kept in
+    ``loaded.variants`` (the loaded model is not changed): a DETR's backbone gets another thumbnailer; an
+    SSD-family model is rebuilt from its preset (priors for its input) with the detector's weights.
 
     Raises:
         ValueError: a learned thumbnail the model does not have.
@@ -160,6 +162,12 @@ def at_scale(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.Module:
     own = loaded.thumbnail
     if (own is None and scale == 1) or own == (scale, mode):
         return loaded.model
+    if (scale, mode) not in loaded.variants:
+        loaded.variants[(scale, mode)] = _build_variant(loaded, scale, mode)
+    return loaded.variants[(scale, mode)]
+
+
+def _build_variant(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.Module:
     if mode == "learned":
         raise ValueError(f"{loaded.source} has no learned {scale}x down-sampler")
     if loaded.fixed_input:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from apps.compare import LoadedModel, compare_scales, filter_detections, prepare_image, scales_for
+from apps.compare import LoadedModel, at_scale, compare_scales, filter_detections, prepare_image, scales_for
 from toolkit.data.shapes import SHAPES_CLASSES
 from toolkit.data.voc import read_image_bgr
 from toolkit.engine import load_trained_model
@@ -71,6 +71,9 @@ def test_each_scale_equals_predict_on_the_equivalent_checkpoint(tiny_dsod_checkp
                              ("bicubic 1/4", {"scale": 4, "mode": "bicubic"})):
         variant = _with_thumbnail(tiny_dsod_checkpoints["student"], tmp_path, thumbnail)
         _assert_same(runs[label], _predicted(variant, mini_shapes_image, tmp_path / label.replace("/", "_")))
+    # The variants are built once and kept for the next image.
+    assert set(loaded.variants) == {(1, None), (2, "bicubic"), (4, "bicubic")}
+    assert at_scale(loaded, 2, "bicubic") is loaded.variants[(2, "bicubic")]
     # The loaded model was not changed by the variants.
     assert _loaded(tiny_dsod_checkpoints["student"]).model.state_dict().keys() == loaded.model.state_dict().keys()
     assert loaded.thumbnail == (2, "learned")
