@@ -147,9 +147,10 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
     import gradio as gr
 
     def class_choices(model_key):
+        """Another model: its classes in the filter; the last result (another model's) is dropped."""
         loaded = registry.models.get(model_key)
         names = list(loaded.classes[1:]) if loaded else []
-        return gr.update(choices=names, value=names)
+        return gr.update(choices=names, value=names), None
 
     def status(messages: Sequence[str], error: bool = False) -> str:
         if not messages:
@@ -234,7 +235,7 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
             summary = gr.JSON(elem_id="summary")
         state = gr.State(None)
 
-        model.change(class_choices, model, keep, api_visibility="private")
+        model.change(class_choices, model, [keep, state], api_visibility="private")
         model_file.upload(load_model, model_file, [model, page_status], api_name="load_model")
         button.click(run, [model, image_file, webcam, threshold, keep],
                      [state, gallery, thumbs, table, plot, summary, page_status], api_name="compare",
