@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -43,6 +44,43 @@ MAIN_JOB_HINT = ("No model to serve yet. Train the README's main job first (`mak
                  "--out runs/main`), or start the demo with `--checkpoint`, `--caffe` or `--detr`.")
 TABLE_HEADERS = ["scale", "input (h x w)", "latency ms (median)", "latency range ms", "GFLOPs", "detections",
                  "speed-up"]
+
+
+class MainThreadRunner:
+    """Runs the demo's PyTorch work on the main thread (:meth:`serve` there; Gradio answers on worker threads).
+
+    PyTorch's OpenMP keeps a thread pool per calling thread: once a worker thread and the main thread had both
+    run models, every forward pass took about 2.5 times as long on the 2-core machine (measured: ``dsod_tiny``
+    at full size 13 ms on the main thread, 28-33 ms on a worker), which would make the page's latencies wrong.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+
+    def call(self, fn, *args):
+        """``fn(*args)`` on the serving thread (directly when called there); its exception is raised here."""
+        if threading.current_thread() is threading.main_thread():
+            return fn(*args)
+        done, box = threading.Event(), {}
+        self.jobs.put((fn, args, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def serve(self, stop: threading.Event, poll_s: float = 0.2) -> None:
+        """Run the queued calls until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                fn, args, box, done = self.jobs.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
 
 
 class ModelRegistry:
@@ -143,8 +181,13 @@ def chart(rows: list[list]):
 
 
 # --------------------------------------------------------------------------------------- the app
-def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] = ()):
+def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] = (),
+              runner: Optional[MainThreadRunner] = None):
+    """The Gradio app.  ``runner``: where the models run (:class:`MainThreadRunner`); None: on Gradio's threads."""
     import gradio as gr
+
+    def on_torch_thread(fn, *args):
+        return runner.call(fn, *args) if runner is not None else fn(*args)
 
     def class_choices(model_key):
         """Another model: its classes in the filter; the last result (another model's) is dropped."""
@@ -174,7 +217,7 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
         try:
             image = read_input(image_file, webcam)
             with registry.lock:
-                comparison = compare_scales(loaded, image, rounds=rounds)
+                comparison = on_torch_thread(compare_scales, loaded, image, rounds)
             outputs = render(comparison, loaded, threshold, keep_classes)
         except Exception as exc:  # the page shows the message, never a traceback
             return (None, *empty, status([error_text(exc)], True))
@@ -195,7 +238,7 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
         if not model_file:
             return gr.update(), status(["choose a model file"], True)
         try:
-            name = registry.add("checkpoint", model_file)
+            name = on_torch_thread(registry.add, "checkpoint", model_file)
         except Exception as exc:
             return gr.update(), status([f"{Path(model_file).name}: {error_text(exc)}"], True)
         return gr.update(choices=list(registry.models), value=name), status([f"loaded {name}"])
@@ -284,9 +327,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     registry = make_registry(args)
     for message in registry.errors:
         print(f"error: {message}", file=sys.stderr)
-    app = build_app(registry, args.rounds, sample_images())
-    print(f"serving {len(registry.models)} model(s) on http://{args.host}:{args.port}")
-    app.launch(server_name=args.host, server_port=args.port, show_error=False)
+    runner = MainThreadRunner()
+    app = build_app(registry, args.rounds, sample_images(), runner)
+    app.launch(server_name=args.host, server_port=args.port, show_error=False, prevent_thread_lock=True)
+    print(f"serving {len(registry.models)} model(s) on http://{args.host}:{args.port} (Ctrl+C stops)")
+    stop = threading.Event()
+    try:
+        runner.serve(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        app.close()
     return 0
 
 

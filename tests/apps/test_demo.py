@@ -167,3 +167,27 @@ def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):
     app = demo.build_app(registry)
     status = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "status")
     assert "make run" in status.value and "--out runs/main" in status.value
+
+
+def test_the_main_thread_runner_runs_calls_there_and_hands_errors_back():
+    import threading
+
+    runner = demo.MainThreadRunner()
+    stop = threading.Event()
+    seen = {}
+
+    def worker():
+        seen["thread"] = runner.call(lambda: threading.current_thread() is threading.main_thread())
+        seen["sum"] = runner.call(lambda a, b: a + b, 2, 3)
+        try:
+            runner.call(lambda: 1 / 0)
+        except ZeroDivisionError as exc:
+            seen["error"] = exc
+        stop.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    runner.serve(stop, poll_s=0.01)  # this test runs on the main thread
+    thread.join()
+    assert seen["thread"] is True and seen["sum"] == 5 and isinstance(seen["error"], ZeroDivisionError)
+    assert runner.call(lambda: 7) == 7  # on the main thread itself: directly
