@@ -85,8 +85,11 @@ def load_checkpoint_file(path: str, labelmap: Optional[str] = None) -> LoadedMod
     """A ``toolkit.train``, ``converters.caffe convert`` or ``converters.detr convert`` checkpoint.  A converted
     Caffe net of a native preset without stored class names takes ``labelmap``'s, else VOC's (the converted
     presets are VOC models), as ``toolkit.predict`` does; one of no preset runs as it is."""
-    if Path(path).is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if _is_torch_file(path) else None
+    if Path(path).is_file() and _is_torch_file(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # read_checkpoint below says what is wrong with the file
+            ckpt = None
         if is_converted_checkpoint(ckpt) and not _maps_onto_a_preset(ckpt):
             return load_caffe_as_is(None, path, labelmap)
     ckpt, name = read_checkpoint(path)

@@ -89,3 +89,13 @@ def test_a_caffe_net_of_no_preset_runs_as_it_is_and_finds_what_caffe_found(tmp_p
     rerun, = compare_scales(again, read_image_bgr(folder / "keliamoniz1.jpg"), rounds=1).runs
     np.testing.assert_array_equal(rerun.scores, run.scores)
     np.testing.assert_array_equal(rerun.boxes, run.boxes)
+
+
+def test_a_zip_that_is_no_checkpoint_gets_the_loaders_message(tmp_path):
+    import zipfile
+
+    path = tmp_path / "archive.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    with pytest.raises(ValueError, match="archive.pth: not a readable PyTorch checkpoint"):
+        load_source("checkpoint", str(path))
