@@ -155,16 +155,15 @@ def render(comparison: Comparison, loaded: LoadedModel, threshold: float, keep_c
 
 
 def chart(rows: list[list]):
-    """Latency (bars, median with the range) and detections (line) against scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Latency (bars, median with the range) and detections (line) against scale.  A bare ``Figure`` (no
+    pyplot, whose global state Gradio's threads would share)."""
+    from matplotlib.figure import Figure
 
     labels = [r[0] for r in rows]
     medians = [r[2] for r in rows]
     lows, highs = zip(*(map(float, r[3].split("-")) for r in rows)) if rows else ((), ())
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     x = np.arange(len(rows))
     ax.bar(x, medians, color="tab:blue", alpha=0.8, label="latency (median, ms)",
            yerr=[np.subtract(medians, lows), np.subtract(highs, medians)], capsize=3)
@@ -176,7 +175,6 @@ def chart(rows: list[list]):
     ax2.set_ylim(bottom=0)
     fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
