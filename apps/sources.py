@@ -58,13 +58,12 @@ class CaffeNetDetector(nn.Module):
                 for det in model.detector(inputs.to(device))]
 
 
-def load_caffe_as_is(net: Optional[str], weights: str, labelmap: Optional[str] = None,
-                     train_prototxt: Optional[str] = None) -> LoadedModel:
-    """Any SSD-fork detection net (a prototxt + caffemodel, or a ``convert`` checkpoint with ``net`` None), run as
-    ``python -m converters.caffe detect`` runs it."""
+def load_caffe_as_is(checkpoint: str, labelmap: Optional[str] = None) -> LoadedModel:
+    """Any SSD-fork detection net, from its ``convert`` checkpoint, run as ``python -m converters.caffe detect``
+    runs it (the preprocessing and class names ``convert`` stored; ``labelmap`` first)."""
     from converters.caffe.detect import load_detector
 
-    loaded = load_detector(net, weights, labelmap=labelmap, train_prototxt=train_prototxt, fast=True)
+    loaded = load_detector(None, checkpoint, labelmap=labelmap, fast=True)
     transform = loaded.preprocessing.transform()
     from toolkit.data.transforms import collate_detection
 
@@ -74,36 +73,36 @@ def load_caffe_as_is(net: Optional[str], weights: str, labelmap: Optional[str] =
                        setup=setup, fixed_input=True)
 
 
-def _maps_onto_a_preset(ckpt: dict) -> bool:
+def _converted_of_no_preset(path: str) -> bool:
+    """Whether ``path`` is a ``converters.caffe convert`` checkpoint whose layers map onto no native preset."""
     from toolkit.models.build import presets_for_caffe_layers
     from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
 
-    return bool(presets_for_caffe_layers([n for n, blobs in ckpt[CONVERTED_BLOBS_KEY].items() if len(blobs)]))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a checkpoint at all: the caller's error stands
+        return False
+    if not is_converted_checkpoint(ckpt):
+        return False
+    return not presets_for_caffe_layers([n for n, blobs in ckpt[CONVERTED_BLOBS_KEY].items() if len(blobs)])
 
 
 def load_checkpoint_file(path: str, labelmap: Optional[str] = None) -> LoadedModel:
     """A ``toolkit.train``, ``converters.caffe convert`` or ``converters.detr convert`` checkpoint.  A converted
     Caffe net of a native preset without stored class names takes ``labelmap``'s, else VOC's (the converted
     presets are VOC models), as ``toolkit.predict`` does; one of no preset runs as it is."""
-    if Path(path).is_file() and _is_torch_file(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # read_checkpoint below says what is wrong with the file
-            ckpt = None
-        if is_converted_checkpoint(ckpt) and not _maps_onto_a_preset(ckpt):
-            return load_caffe_as_is(None, path, labelmap)
-    ckpt, name = read_checkpoint(path)
+    try:
+        ckpt, name = read_checkpoint(path)
+    except ValueError:
+        # read_checkpoint refuses a converted net of no native preset; the demo runs it as it is.
+        if _converted_of_no_preset(path):
+            return load_caffe_as_is(path, labelmap)
+        raise
     classes = _classes_from(labelmap)
     if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
         classes = ("background", *VOC_CLASSES)
     model, classes, name = model_from_checkpoint(ckpt, path, name, classes)
     return LoadedModel(model, name, tuple(classes), str(path))
-
-
-def _is_torch_file(path: str) -> bool:
-    from converters.caffe.cli import is_zip_file
-
-    return is_zip_file(path)
 
 
 def load_caffe(spec: str, labelmap: Optional[str] = None) -> LoadedModel:
@@ -120,9 +119,7 @@ def load_caffe(spec: str, labelmap: Optional[str] = None) -> LoadedModel:
     with tempfile.TemporaryDirectory(prefix="legacy-det-demo-") as tmp:
         out = Path(tmp) / "converted.pth"
         cli.convert(net, weights, out, extra=extra)
-        if not _maps_onto_a_preset(torch.load(out, map_location="cpu", weights_only=True)):
-            return load_caffe_as_is(net, weights, labelmap, train)
-        loaded = load_checkpoint_file(str(out), labelmap)
+        loaded = load_checkpoint_file(str(out), labelmap)  # read whole: the temporary file goes
     loaded.source = f"{net} + {weights}"
     return loaded
 

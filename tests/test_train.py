@@ -351,9 +351,14 @@ def test_detr_trains_under_amp_with_its_learning_rate_flags(data_root, tmp_path)
 
 
 def test_voting_cluster_diou_nms_in_training_evaluate_and_predict(data_root, tmp_path, capsys):
+    from toolkit.evaluate import get_args_parser as evaluate_parser
     from toolkit.evaluate import main as evaluate_main
+    from toolkit.models.postprocess import NMS_KINDS
     from toolkit.predict import main as predict_main
 
+    # toolkit.evaluate spells the choices out (no torch to parse its arguments): they must stay NMS_KINDS.
+    nms_action = next(a for a in evaluate_parser()._actions if a.dest == "nms")
+    assert tuple(nms_action.choices) == NMS_KINDS
     out = tmp_path / "run"
     assert train_mod.main(_args(data_root, out, "--iters", "2", "--workers", "0", "--nms", "voting_cluster_diou")) == 0
     trained = json.loads((out / "metrics.json").read_text())["mAP"]

@@ -69,6 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--labelmap", type=Path, help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
     p.add_argument("--prefix", default="comp4", help="submission file prefix (default comp4)")
     p.add_argument("--coco-annotations", type=Path, help="COCO instances JSON: evaluate --detections as COCO results")
+    # toolkit.models.postprocess.NMS_KINDS, spelled out: parsing the arguments needs no torch here.
     p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
                    help="with --checkpoint, SSD family: greedy (Caffe's DetectionOutput, default) or "
                         "voting_cluster_diou (LD's score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")

@@ -30,6 +30,7 @@ from toolkit.data.voc import VOC_CLASSES, read_image_bgr
 from toolkit.engine import (inference_setup, is_converted_checkpoint, model_from_checkpoint, predict_batch,
                             read_checkpoint, to_image_pixels)
 from toolkit.evaluation.report import write_json
+from toolkit.models.postprocess import NMS_KINDS
 from toolkit.models.thumbnail import find_thumbnailer
 from toolkit.visualize import draw_detections
 
@@ -47,7 +48,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "names 'convert --labelmap' stored, else VOC's 20)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections above this score (default 0.3)")
-    p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
+    p.add_argument("--nms", choices=NMS_KINDS, default="greedy",
                    help="SSD family: greedy (Caffe's DetectionOutput, default) or voting_cluster_diou (LD's "
                         "score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")
     p.add_argument("--save-thumbnails", action="store_true",

@@ -78,6 +78,7 @@ from toolkit.models.caffe_import import init_from_checkpoint
 from toolkit.models.detr.training import DETR_PRESETS
 from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
+from toolkit.models.postprocess import NMS_KINDS
 from toolkit.models.thumbnail import find_thumbnailer
 
 
@@ -196,7 +197,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
     d.add_argument("--fm-weight", type=float, default=0.1, help="feature-map loss weight (default 0.1)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
-    p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
+    p.add_argument("--nms", choices=NMS_KINDS, default="greedy",
                    help="the evaluations' NMS, SSD family: greedy (Caffe's DetectionOutput, default) or "
                         "voting_cluster_diou (LD's score-voting cluster DIoU-NMS at IoU 0.6 over all classes)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N iterations (0: every epoch)")
