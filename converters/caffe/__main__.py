@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from converters.caffe import cli
-from converters.caffe.errors import CaffeConversionError
+from toolkit.caffe.errors import CaffeConversionError
 from toolkit.caffe import CaffeFormatError
 from toolkit.data.errors import DatasetError
 

@@ -23,10 +23,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from converters.caffe.errors import CaffeConversionError
-from converters.caffe.net import CaffeNet, layer_included, modern_layers
 from converters.caffe.optimize import OptimizedCaffeNet, optimize_for_inference
 from toolkit.caffe import CaffeFormatError, CaffemodelLayers, caffe_pb2, read_prototxt
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.net import CaffeNet, layer_included, modern_layers
 
 PathLike = str | os.PathLike
 
@@ -180,7 +180,7 @@ def read_converted_checkpoint(path: PathLike) -> dict:
     except Exception as exc:
         raise CaffeConversionError(f"{path}: neither a .caffemodel nor a checkpoint written by "
                                    f"'python -m converters.caffe convert' ({one_line(str(exc))[:200]})") from None
-    from converters.caffe.net import CHECKPOINT_FORMAT
+    from toolkit.caffe.net import CHECKPOINT_FORMAT
 
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CaffeConversionError(f"{path}: a PyTorch file, but not a checkpoint written by "

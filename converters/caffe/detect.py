@@ -2,7 +2,7 @@
 
 A Caffe detector's ``DetectionOutput`` top already holds its detections: rows
 ``[image, label, score, xmin, ymin, xmax, ymax]``, boxes normalized by the input
-size (:class:`converters.caffe.layers.DetectionOutput`).  What a Caffe user
+size (:class:`toolkit.caffe.layers.DetectionOutput`).  What a Caffe user
 needs on top of the interpreter is the preprocessing the net was trained with,
 its class names, and a way from images (or a dataset) to those rows and back to
 pixels.  This module supplies them:
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from converters.caffe.cli import atomic_write, is_zip_file, load_net, read_converted_checkpoint, read_definition
-from converters.caffe.errors import CaffeConversionError
-from converters.caffe.net import CaffeNet, layer_included, modern_layers, parse_net_definition
 from converters.caffe.optimize import optimize_for_inference
 from toolkit.caffe import caffe_pb2, read_prototxt
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.net import CaffeNet, layer_included, modern_layers, parse_net_definition
 from toolkit.data.errors import AnnotationError, DatasetError, ImageReadError
 from toolkit.data.transforms import INTERPOLATIONS, CaffePreprocess, SSDTestTransform
 from toolkit.models.postprocess import DetectionOutputParams

@@ -1,4 +1,4 @@
-"""An inference-only copy of a :class:`~converters.caffe.net.CaffeNet`, rewritten to run fast on the CPU.
+"""An inference-only copy of a :class:`~toolkit.caffe.net.CaffeNet`, rewritten to run fast on the CPU.
 
 :class:`CaffeNet` interprets the prototxt literally: one module call per layer,
 a fresh tensor per top, ``torch.cat`` for every ``Concat``.  For a deploy net
@@ -70,12 +70,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from converters.caffe.errors import CaffeConversionError
-from converters.caffe.layers import (
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.layers import (
     Bias, BatchNorm, CaffeLayer, Concat, Convolution, DetectionOutput, Dropout, Flatten, Permute, Pooling, PriorBox,
     ReLU, Reshape, Scale, Split, caffe_pooled_size,
 )
-from converters.caffe.net import CaffeNet, call_layer
+from toolkit.caffe.net import CaffeNet, call_layer
 from toolkit.models.box_coder import decode_boxes
 from toolkit.models.postprocess import DetectionOutputParams, detection_output, to_caffe_detection_blob
 from toolkit.models.priors import split_caffe_priorbox_blob

@@ -40,8 +40,8 @@ from typing import Optional
 import numpy as np
 
 from converters.caffe.cli import PathLike, atomic_write
-from converters.caffe.errors import CaffeConversionError
-from converters.caffe.net import layer_included, modern_layers
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.net import layer_included, modern_layers
 from toolkit.caffe import CaffeFormatError, caffe_pb2, read_prototxt
 from toolkit.data import DATASETS
 from toolkit.data.transforms import INTERPOLATIONS, PREPROCESS_PRESETS, SSD_BATCH_SAMPLERS, DistortParams

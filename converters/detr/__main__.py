@@ -89,7 +89,7 @@ def _run(args) -> int:
     import torch
 
     from converters.caffe.cli import read_npz, write_npz
-    from converters.caffe.errors import CaffeConversionError
+    from toolkit.caffe.errors import CaffeConversionError
     from converters.detr.checkpoint import DETRConversionError, model_from_checkpoint
     from toolkit.models.detr import flatten_outputs
 

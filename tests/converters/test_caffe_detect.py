@@ -19,7 +19,7 @@ from converters.caffe.detect import (
     match_classes,
     resolve_preprocessing,
 )
-from converters.caffe.errors import CaffeConversionError
+from toolkit.caffe.errors import CaffeConversionError
 from toolkit.data.labelmap import read_labelmap
 from toolkit.data.voc import read_image_bgr
 from toolkit.evaluation.submission import detections_from_predictions, ground_truth_from_voc

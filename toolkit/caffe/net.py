@@ -1,6 +1,6 @@
 """A Caffe net as a PyTorch module: the prototxt interpreted layer by layer.
 
-:class:`CaffeNet` holds one :class:`~converters.caffe.layers.CaffeLayer` per
+:class:`CaffeNet` holds one :class:`~toolkit.caffe.layers.CaffeLayer` per
 active layer and runs them in prototxt order over a dict of named blobs, the
 way Caffe's ``Net::Forward`` does.  What it takes over from Caffe's ``Net``:
 
@@ -37,8 +37,8 @@ import torch
 from google.protobuf import text_format
 from torch import nn
 
-from converters.caffe.errors import CaffeConversionError
-from converters.caffe.layers import LAYER_TYPES, CaffeLayer, Input, build_layer, fill_
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.layers import LAYER_TYPES, CaffeLayer, Input, build_layer, fill_
 from toolkit.caffe import CaffeFormatError, CaffemodelLayers, blob_to_numpy, caffe_pb2, read_prototxt
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ Every module here is a :class:`CaffeLayer`:
   applies them.
 
 ``build_layer(layer, bottom_shapes, phase)`` builds the module of one
-``caffe_pb2.LayerParameter`` (modern form; :mod:`converters.caffe.net`
+``caffe_pb2.LayerParameter`` (modern form; :mod:`toolkit.caffe.net`
 upgrades V1 layers first) given the shapes of its bottoms, as Caffe's
 ``LayerSetUp`` does.  ``LAYER_TYPES`` maps each supported Caffe type name to
 its class.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from converters.caffe.errors import CaffeConversionError
+from toolkit.caffe.errors import CaffeConversionError
 from toolkit.models.multibox_loss import MultiBoxLoss as _MultiBoxLossFn
 from toolkit.models.multibox_loss import MultiBoxLossParams, targets_from_caffe_labels
 from toolkit.models.postprocess import DetectionOutputParams, detection_output, to_caffe_detection_blob
@@ -1309,7 +1309,7 @@ def build_layer(layer, bottom_shapes: Sequence[Shape], phase: str = "TEST") -> C
     """The module of one modern ``caffe_pb2.LayerParameter``, given its bottoms' shapes.
 
     Args:
-        layer: the layer (V1 layers must be upgraded first, see :mod:`converters.caffe.net`).
+        layer: the layer (V1 layers must be upgraded first, see :mod:`toolkit.caffe.net`).
         bottom_shapes: one shape per bottom, as Caffe's ``LayerSetUp`` sees them.
         phase: ``"TEST"`` or ``"TRAIN"`` (BatchNorm's default statistics depend on it).
     Returns:

@@ -1,4 +1,4 @@
-"""The one error type of :mod:`converters.caffe`."""
+"""The one error type of the Caffe interpreter (:mod:`toolkit.caffe.net`) and of :mod:`converters.caffe`."""
 
 from __future__ import annotations
 

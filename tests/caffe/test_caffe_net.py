@@ -12,9 +12,9 @@ from google.protobuf import text_format
 
 from caffe_compare import assert_blobs_match, error_ratio
 from conftest import require_fixture
-from converters.caffe import CaffeConversionError, CaffeNet, load_caffe_net
-from converters.caffe.net import layer_included
 from toolkit.caffe import caffe_pb2, read_caffemodel, read_prototxt
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.net import CaffeNet, layer_included, load_caffe_net
 
 LEGACY = ["branch_v1", "ssd_base_v1", "vgg_lrn_v1"]
 # (definition, weights): V1 + V1, the SSD situation (modern prototxt + V1 weights), Caffe's own upgrades.

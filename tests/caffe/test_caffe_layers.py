@@ -12,9 +12,10 @@ from google.protobuf import text_format
 
 from caffe_compare import assert_blobs_match, error_ratio
 from conftest import fixtures_root, require_fixture
-from converters.caffe import CaffeConversionError, build_layer, load_caffe_net
-from converters.caffe.layers import BatchNorm, Filler, caffe_pool2d, fill_
 from toolkit.caffe import caffe_pb2, read_prototxt
+from toolkit.caffe.errors import CaffeConversionError
+from toolkit.caffe.layers import BatchNorm, Filler, build_layer, caffe_pool2d, fill_
+from toolkit.caffe.net import load_caffe_net
 
 LAYER_ZOO = [
     "activations", "bn_scale", "concat", "conv", "deconv", "dense_block_inplace",
