@@ -993,7 +993,9 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, clip: bool)
     """Caffe's pooling output size: ``ceil((size + 2 * pad - kernel) / stride) + 1``, minus one when
     ``clip`` (any padding) and the last window would start at or beyond ``size + pad``
     (``pooling_layer.cpp``: the last window must start inside the image or its leading padding)."""
-    out = -(-(size + 2 * pad - kernel) // stride) + 1
+    # Ceiling division with a non-negative numerator: a traced export turns ``//`` into ONNX's truncating
+    # Div, which agrees with Python's flooring one only there.
+    out = (size + 2 * pad - kernel + stride - 1) // stride + 1
     if clip and (out - 1) * stride >= size + pad:
         out -= 1
     return out
@@ -1215,6 +1217,12 @@ class DetectionOutput(CaffeLayer):
 
     def forward(self, loc: torch.Tensor, conf: torch.Tensor, priorbox: torch.Tensor, *unused) -> torch.Tensor:
         self._check(loc, conf, priorbox)
+        if torch.onnx.is_in_onnx_export():
+            # The same rows from whole-tensor operations that have ONNX forms (toolkit.export).
+            from toolkit.models.graph_postprocess import detection_output_graph
+
+            priors, variances = split_caffe_priorbox_blob(priorbox)
+            return detection_output_graph(loc, conf, priors, variances, self.params).to(loc.dtype)
         with torch.no_grad():
             priors, variances = split_caffe_priorbox_blob(priorbox)
             results = detection_output(loc.reshape(loc.shape[0], -1), conf.reshape(conf.shape[0], -1),

@@ -124,7 +124,7 @@ def ms_deform_attn(value: torch.Tensor, value_spatial_shapes: torch.Tensor, valu
     Runs the compiled kernel of the tensors' device where it is built (float32
     and float64; half and bfloat16 inputs run it in float32 and the result is
     cast back), else :func:`ms_deform_attn_reference` with one warning saying how
-    to build the kernels.  ``im2col_step`` is the number of images per CUDA
+    to build the kernels; during an ONNX export always the reference (``grid_sample``).  ``im2col_step`` is the number of images per CUDA
     launch, as in Deformable DETR's op; results do not depend on it (any batch
     size works, divisible or not).  Differentiable w.r.t. ``value``,
     ``sampling_locations`` and ``attention_weights``.
@@ -132,6 +132,9 @@ def ms_deform_attn(value: torch.Tensor, value_spatial_shapes: torch.Tensor, valu
     _check(value, value_spatial_shapes, value_level_start_index, sampling_locations, attention_weights)
     if int(im2col_step) <= 0:
         raise ValueError(f"ms_deform_attn: im2col_step must be positive, got {im2col_step}")
+    if torch.onnx.is_in_onnx_export():  # the compiled op has no ONNX form; the reference is grid_sample
+        return ms_deform_attn_reference(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                                        attention_weights)
     reason = _kernel_available(value.device)
     if reason is not None:
         _warn_once(reason)

@@ -124,10 +124,13 @@ class DeformableEncoder(nn.Module):
             elif sparse_token_nums is None:
                 output = output.scatter(1, topk_inds.unsqueeze(-1).repeat(1, 1, tgt.size(-1)), tgt)
             else:
-                output = torch.stack([
-                    output[i].scatter(0, topk_inds[i][:sparse_token_nums[i]].unsqueeze(-1).repeat(1, tgt.size(-1)),
-                                      tgt[i][:sparse_token_nums[i]])
-                    for i in range(topk_inds.shape[0])])
+                # Image b writes back its first sparse_token_nums[b] tokens; the others rewrite what is there (one
+                # scatter for the batch: no per-image loop, which a traced export would fix to the traced batch).
+                index_ = topk_inds.unsqueeze(-1).repeat(1, 1, tgt.size(-1))
+                written = torch.arange(topk_inds.shape[1], device=tgt.device)[None, :] \
+                    < sparse_token_nums[:, None].to(topk_inds.dtype)
+                kept = torch.gather(output, 1, index_)
+                output = output.scatter(1, index_, torch.where(written[..., None], tgt, kept))
             if self.aux_heads and index < self.num_layers - 1:
                 aux_classes.append(self.class_embed[index](tgt))
                 aux_boxes.append((output_proposals + self.bbox_embed[index](tgt)).sigmoid())
