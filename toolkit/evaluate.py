@@ -26,6 +26,13 @@ the toolkit model its blobs load into, through that model's rename table)::
     python -m toolkit.evaluate --checkpoint dsod300.pth --model dsod300 --dataset voc07test
 
 All print a per-class table; ``--plot`` writes precision-recall curves (PNG).
+
+The VOC and COCO paths import neither torch nor matplotlib (matplotlib only
+with ``--plot``); ``--checkpoint`` imports torch. The VOC path keeps the parsed
+ground truth of a split in a cache folder (``--cache-dir``, default
+``$XDG_CACHE_HOME/legacy-det`` or ``~/.cache/legacy-det``; ``--no-cache`` to
+parse every XML file), reused while no annotation file's size or modification
+time has changed (see :mod:`toolkit.evaluation.voc_gt`).
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ from typing import Optional, Sequence
 
 from toolkit.data.errors import DatasetError
 from toolkit.data.labelmap import read_labelmap
-from toolkit.data.voc import VOC_CLASSES, VOCDetection
+from toolkit.data.voc import VOC_CLASSES
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
-from toolkit.evaluation.submission import SubmissionFormatError, ground_truth_from_voc, read_voc_submission
+from toolkit.evaluation.submission import SubmissionFormatError, read_voc_submission
 from toolkit.evaluation.voc import METRICS, evaluate_voc
+from toolkit.evaluation.voc_gt import default_cache_dir, read_voc_ground_truth
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -66,9 +74,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="with --checkpoint: also write VOC submission files into this folder")
     p.add_argument("--metric", choices=METRICS, default="voc07", help="VOC metric (default voc07)")
     p.add_argument("--iou", type=float, default=0.5, help="VOC IoU threshold (default 0.5)")
-    p.add_argument("--labelmap", type=Path, help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
+    p.add_argument("--labelmap", type=Path,
+                   help="Caffe labelmap prototxt for the class names (default: the 20 VOC classes)")
     p.add_argument("--prefix", default="comp4", help="submission file prefix (default comp4)")
     p.add_argument("--coco-annotations", type=Path, help="COCO instances JSON: evaluate --detections as COCO results")
+    p.add_argument("--cache-dir", type=Path,
+                   help="VOC: folder for the parsed ground truth, reused while no XML file changes "
+                        "(default $XDG_CACHE_HOME/legacy-det, else ~/.cache/legacy-det)")
+    p.add_argument("--no-cache", action="store_true", help="VOC: parse every XML file, read and write no cache")
     # toolkit.models.postprocess.NMS_KINDS, spelled out: parsing the arguments needs no torch here.
     p.add_argument("--nms", choices=("greedy", "voting_cluster_diou"), default="greedy",
                    help="with --checkpoint, SSD family: greedy (Caffe's DetectionOutput, default) or "
@@ -83,10 +96,10 @@ def _run_voc(args) -> dict:
         raise SystemExit("error: --voc-root is required for VOC evaluation (or pass --coco-annotations)")
     classes = read_labelmap(args.labelmap).foreground if args.labelmap else VOC_CLASSES
     subdir = args.subdir or f"VOC{args.year}"
-    dataset = VOCDetection(args.voc_root, [(subdir, args.split)], classes=classes)
-    gt = ground_truth_from_voc(dataset)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        gt = read_voc_ground_truth(args.voc_root, subdir, args.split, classes, cache_dir=cache_dir)
         detections = read_voc_submission(args.detections, args.split, classes, prefix=args.prefix)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from toolkit.data.errors import (
     AnnotationError,
@@ -33,7 +33,10 @@ from toolkit.data.errors import (
     DatasetNotFoundError,
     ImageReadError,
 )
-from toolkit.data.voc import VOC_CLASSES, VOC_SPLITS, VOCDetection
+from toolkit.data.voc import VOC_CLASSES, VOC_SPLITS
+
+if TYPE_CHECKING:
+    from toolkit.data.voc import VOCDetection
 
 __all__ = [
     "AnnotationError", "CorruptRecordError", "DatasetError", "DatasetNotFoundError", "ImageReadError",
@@ -138,6 +141,15 @@ DATASETS: dict[str, DatasetPreset] = _DatasetTable({
 DATASETS.update({name: DatasetPreset("voc", name, name) for name in VOC_SPLITS if name not in DATASETS})
 
 
+def __getattr__(name: str):
+    # VOCDetection imports torch when first used (see toolkit.data.voc); importing this package does not.
+    if name == "VOCDetection":
+        from toolkit.data.voc import VOCDetection
+
+        return VOCDetection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def data_root() -> Path:
     """``$TOOLKIT_DATA`` or ``./data``."""
     return Path(os.environ.get("TOOLKIT_DATA", "data"))
@@ -175,6 +187,8 @@ def build_dataset(
     root = Path(root) if root is not None else data_root()
     if labelmap is not None and preset.kind != "voc":
         raise ValueError(f"labelmap applies to VOC datasets, not {name!r}")
+    from toolkit.data.voc import VOCDetection
+
     if preset.kind == "voc":
         classes = VOC_CLASSES
         if labelmap is not None:

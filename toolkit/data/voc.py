@@ -35,16 +35,18 @@ followed by ``transform(image, target)`` when a transform is given.
 from __future__ import annotations
 
 import os
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-import cv2
 import numpy as np
-import torch
 
 from toolkit.data.errors import AnnotationError, DatasetNotFoundError, ImageReadError
+
+if TYPE_CHECKING:
+    import torch.utils.data
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -95,7 +97,8 @@ def xyxy_to_voc(boxes_xyxy: np.ndarray) -> np.ndarray:
     Returns:
         ``(N, 4)`` float64 array.
     """
-    if isinstance(boxes_xyxy, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; this module does not import it
+    if torch is not None and isinstance(boxes_xyxy, torch.Tensor):
         boxes_xyxy = boxes_xyxy.detach().cpu().numpy()
     b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4).copy()
     b[:, :2] += 1.0
@@ -206,6 +209,8 @@ def read_image_bgr(path: str | os.PathLike) -> np.ndarray:
     Raises:
         ImageReadError: naming the file when it is missing or cannot be decoded.
     """
+    import cv2  # here, not at the top: evaluation reads XML files only and does not need OpenCV
+
     path = Path(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -257,7 +262,7 @@ def find_devkit_root(root: str | os.PathLike, subdir: str) -> Path:
     )
 
 
-class VOCDetection(torch.utils.data.Dataset):
+class _VOCDetection:
     """Detection dataset over one or more VOC ``ImageSets/Main`` lists.
 
     Args:
@@ -271,6 +276,9 @@ class VOCDetection(torch.utils.data.Dataset):
 
     ``self.classes`` is ``("background", *classes)`` so that ``classes[label]`` is the name.
     Annotations are parsed lazily, once per item and worker.
+
+    ``VOCDetection`` is this class with ``torch.utils.data.Dataset`` as a second base,
+    built on first access (see the module's ``__getattr__``).
     """
 
     def __init__(
@@ -319,6 +327,8 @@ class VOCDetection(torch.utils.data.Dataset):
         return self._target_from(ann, self.items[index][1], (ann.height, ann.width))
 
     def _target_from(self, ann: VOCAnnotation, image_id: str, hw: tuple[int, int]) -> dict:
+        import torch
+
         boxes, labels, difficult = [], [], []
         for obj in ann.objects:
             if obj.difficult and not self.keep_difficult:
@@ -350,3 +360,21 @@ class VOCDetection(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         sets = " + ".join(f"{s}/{n}" for s, n in self.image_sets)
         return f"VOCDetection({self.devkit_root}, {sets}, {len(self)} images, {len(self.classes) - 1} classes)"
+
+
+if TYPE_CHECKING:
+    class VOCDetection(_VOCDetection, torch.utils.data.Dataset):  # what __getattr__ builds
+        pass
+
+
+def __getattr__(name: str):
+    # VOCDetection is a torch Dataset. It is built on first access, so that importing this module (VOC_CLASSES,
+    # the XML reader, the evaluator's ground truth: python -m toolkit.evaluate) does not import torch.
+    if name == "VOCDetection":
+        import torch.utils.data
+
+        cls = type("VOCDetection", (_VOCDetection, torch.utils.data.Dataset),
+                   {"__module__": __name__, "__qualname__": "VOCDetection", "__doc__": _VOCDetection.__doc__})
+        globals()["VOCDetection"] = cls  # later look-ups (and pickle) find this one class
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 
-def format_table(ap: Mapping[str, float], mean: float, title: str, extra: Optional[Mapping[str, Mapping[str, object]]] = None) -> str:
+def format_table(ap: Mapping[str, float], mean: float, title: str,
+                 extra: Optional[Mapping[str, Mapping[str, object]]] = None) -> str:
     """A fixed-width table: one row per class (AP in percent), then the mean.
 
     ``extra`` maps class → {column: value} for additional columns (e.g. #gt, #det).

@@ -6,20 +6,33 @@ with one detection per line::
     <image_id> <score> <xmin> <ymin> <xmax> <ymax>
 
 in VOC's 1-based inclusive pixel coordinates (see :mod:`toolkit.data.voc`).
+Blank lines are allowed; fields are separated by any ASCII whitespace.
+
+Nothing here imports torch: tensors (in :func:`detections_from_predictions`)
+exist only where the caller has imported it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
 
-from toolkit.data.voc import VOCDetection, xyxy_to_voc
+from toolkit.data.voc import xyxy_to_voc
 from toolkit.evaluation.voc import ClassDetections, ImageGT
+
+if TYPE_CHECKING:
+    from toolkit.data.voc import VOCDetection
+
+FIELDS = ("image_id", "score", "xmin", "ymin", "xmax", "ymax")
+
+# The bytes bytes.split() separates fields at (ASCII whitespace).
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True
 
 
 class SubmissionFormatError(ValueError):
@@ -30,33 +43,81 @@ def submission_path(directory: str | os.PathLike, split: str, class_name: str, p
     return Path(directory) / f"{prefix}_det_{split}_{class_name}.txt"
 
 
+def to_numpy(x) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array, without importing torch."""
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _fields_per_line(data: bytes) -> np.ndarray:
+    """``(L,)`` int64: the number of whitespace-separated fields on each line of ``data``
+    (``L = data.count(b"\\n") + 1``, the lines of ``data.split(b"\\n")``)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    space = _SPACE.take(buf)
+    # A field starts at a non-space byte that follows a space byte, or at the start of the text.
+    starts = np.flatnonzero(space[:-1] & ~space[1:]) + 1
+    if len(buf) and not space[0]:
+        starts = np.concatenate(([0], starts))
+    line_ends = np.append(np.flatnonzero(buf == ord("\n")), len(buf))
+    return np.diff(np.searchsorted(starts, line_ends), prepend=0)
+
+
 def read_voc_submission_file(path: str | os.PathLike) -> ClassDetections:
     """Parse one ``comp4_det_<split>_<class>.txt`` file.
 
+    The file is read and split once; the fields are converted as whole arrays.
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (as text-mode reading has it).
+
     Raises:
-        SubmissionFormatError: naming the file and line of a malformed entry.
+        SubmissionFormatError: naming the file and line of the first malformed entry (a line
+            without 6 fields, a non-numeric field, a non-finite value), as a line-by-line
+            reader would find it.
     """
     path = Path(path)
-    ids, scores, boxes = [], [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise SubmissionFormatError(
-                    f"{path}:{lineno}: expected 'image_id score xmin ymin xmax ymax', got {line.strip()!r}"
-                )
-            try:
-                values = [float(v) for v in fields[1:]]
-            except ValueError:
-                raise SubmissionFormatError(f"{path}:{lineno}: non-numeric field in {line.strip()!r}") from None
-            if not np.all(np.isfinite(values)):
-                raise SubmissionFormatError(f"{path}:{lineno}: non-finite value in {line.strip()!r}")
-            ids.append(fields[0])
-            scores.append(values[0])
-            boxes.append(values[1:])
-    return ClassDetections(np.array(ids, dtype=object), np.array(scores), np.array(boxes).reshape(-1, 4))
+    data = path.read_bytes()
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    counts = _fields_per_line(data)
+    tokens = data.split()
+    bad_count = np.flatnonzero((counts != 0) & (counts != len(FIELDS)))
+    # Rows (lines with fields) before the first line of the wrong length are aligned: they are
+    # checked and reported first, so that the error named is the first one in the file.
+    row_lines = np.flatnonzero(counts[:bad_count[0]] if len(bad_count) else counts)
+    del tokens[len(row_lines) * len(FIELDS):]
+    ids = tokens[0::len(FIELDS)]
+    del tokens[0::len(FIELDS)]
+    values, bad_number = _to_float(tokens, len(FIELDS) - 1)
+    nonfinite = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(nonfinite):
+        _format_error(path, data, row_lines[nonfinite[0]], "non-finite value in")
+    if bad_number is not None:
+        _format_error(path, data, row_lines[bad_number], "non-numeric field in")
+    if len(bad_count):
+        _format_error(path, data, bad_count[0], "expected 'image_id score xmin ymin xmax ymax', got")
+    return ClassDetections(np.array(list(map(bytes.decode, ids)), dtype=object), values[:, 0], values[:, 1:])
+
+
+def _to_float(tokens: list[bytes], width: int) -> tuple[np.ndarray, Optional[int]]:
+    """``(values (rows, width) float64, None)``, or, when a token is not a number, the values of the
+    rows before the first such row and that row's index."""
+    try:
+        return np.array(tokens, dtype=np.float64).reshape(-1, width), None
+    except ValueError:
+        pass
+    for k, token in enumerate(tokens):
+        try:
+            float(token)
+        except ValueError:
+            row = k // width
+            return np.array(tokens[:row * width], dtype=np.float64).reshape(-1, width), row
+    raise AssertionError("unreachable: numpy and float() accept the same numbers")
+
+
+def _format_error(path: Path, data: bytes, line_index: int, what: str):
+    line = data.split(b"\n")[line_index].decode(errors="replace").strip()
+    raise SubmissionFormatError(f"{path}:{line_index + 1}: {what} {line!r}")
 
 
 def read_voc_submission(
@@ -110,11 +171,13 @@ def write_voc_submission(
     return paths
 
 
-def ground_truth_from_voc(dataset: VOCDetection) -> dict[str, ImageGT]:
+def ground_truth_from_voc(dataset: "VOCDetection") -> dict[str, ImageGT]:
     """Image id → :class:`ImageGT` (VOC coordinates) for every image of a VOC dataset.
 
     Reads the XML files only (no image decoding). The dataset must keep difficult
-    objects, since the evaluator needs them to ignore their detections.
+    objects, since the evaluator needs them to ignore their detections. Any dataset
+    with VOC-style targets works (shapes, LMDB); for a VOC folder,
+    :func:`toolkit.evaluation.voc_gt.read_voc_ground_truth` is faster and caches.
     """
     if not dataset.keep_difficult:
         raise ValueError("evaluation needs difficult objects: build the dataset with keep_difficult=True")
@@ -138,8 +201,8 @@ def detections_from_predictions(
     per_class: dict[int, list] = {label: [[], [], []] for label in range(1, len(classes) + 1)}
     for p in predictions:
         boxes = xyxy_to_voc(p["boxes"])
-        scores = p["scores"].detach().cpu().numpy() if isinstance(p["scores"], torch.Tensor) else np.asarray(p["scores"])
-        labels = p["labels"].detach().cpu().numpy() if isinstance(p["labels"], torch.Tensor) else np.asarray(p["labels"])
+        scores = to_numpy(p["scores"])
+        labels = to_numpy(p["labels"])
         for label in np.unique(labels):
             if int(label) not in per_class:
                 raise ValueError(f"image {p['image_id']}: label {int(label)} outside 1..{len(classes)}")

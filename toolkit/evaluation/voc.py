@@ -21,17 +21,21 @@ toolkit's continuous boxes).  Classes without non-difficult ground truth are
 left out of ``ap`` and of the mean, as in the devkit's per-class division by
 zero that we turn into an omission.
 
-:func:`evaluate_voc` vectorises the matching over all detections of a class
-(one IoU matrix against each detection's own image's boxes; "first in score
-order wins" as a ``unique`` over (image, box) keys).  :func:`match_class_loop`
-is the same algorithm as a plain per-detection loop; tests and
-``bench/bench_eval.py`` check that both agree exactly.
+:func:`evaluate_voc` works on the split's ground truth as flat arrays
+(:class:`VOCGroundTruth`, which :mod:`toolkit.evaluation.voc_gt` reads from the
+XML files and caches) and vectorises the matching over all detections of a
+class (one IoU matrix against each detection's own image's boxes; "first in
+score order wins" as a ``unique`` over (image, box) keys).
+:func:`match_class_loop` is the same algorithm as a plain per-detection loop;
+tests and ``bench/bench_eval.py`` check that both agree exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from itertools import repeat
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +62,78 @@ class ImageGT:
         self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
         if not (len(self.boxes_voc) == len(self.labels) == len(self.difficult)):
             raise ValueError("boxes_voc, labels and difficult must have the same length")
+
+
+class VOCGroundTruth(Mapping):
+    """Ground truth of a whole split as flat arrays, objects grouped by image.
+
+    Attributes:
+        image_ids: ``(M,)`` object array of the image ids (str), unique, in split order.
+        offsets: ``(M + 1,)`` int64; image ``i``'s objects are rows ``offsets[i]:offsets[i + 1]``.
+        boxes_voc: ``(N, 4)`` float64, VOC 1-based inclusive ``xmin ymin xmax ymax``.
+        labels: ``(N,)`` int64, 1-based class labels.
+        difficult: ``(N,)`` bool.
+
+    It is also a read-only mapping image id → :class:`ImageGT`, so code written for
+    ``dict[str, ImageGT]`` (what :func:`evaluate_voc` took before) reads it unchanged.
+    """
+
+    def __init__(self, image_ids, offsets, boxes_voc, labels, difficult) -> None:
+        self.image_ids = np.asarray(image_ids, dtype=object).reshape(-1)
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        self.boxes_voc = np.asarray(boxes_voc, dtype=np.float64).reshape(-1, 4)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.difficult = np.asarray(difficult, dtype=bool).reshape(-1)
+        n = len(self.labels)
+        if not (len(self.boxes_voc) == n == len(self.difficult)):
+            raise ValueError("boxes_voc, labels and difficult must have the same length")
+        if (len(self.offsets) != len(self.image_ids) + 1 or self.offsets[0] != 0 or self.offsets[-1] != n
+                or np.any(np.diff(self.offsets) < 0)):
+            raise ValueError("offsets must rise from 0 to the number of objects, one step per image")
+        self._index: Optional[dict[str, int]] = None
+
+    @classmethod
+    def from_images(cls, gt: Mapping[str, ImageGT]) -> "VOCGroundTruth":
+        """The flat form of an image id → :class:`ImageGT` mapping (its order kept)."""
+        if isinstance(gt, VOCGroundTruth):
+            return gt
+        images = list(gt.values())
+        counts = np.fromiter((len(g.labels) for g in images), dtype=np.int64, count=len(images))
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        if not images:
+            return cls(np.empty(0, dtype=object), offsets, np.empty((0, 4)), np.empty(0), np.empty(0))
+        return cls(
+            np.array(list(gt), dtype=object), offsets,
+            np.concatenate([g.boxes_voc for g in images]),
+            np.concatenate([g.labels for g in images]),
+            np.concatenate([g.difficult for g in images]),
+        )
+
+    @property
+    def index(self) -> dict[str, int]:
+        """Image id → its position in :attr:`image_ids`."""
+        if self._index is None:
+            self._index = {image_id: i for i, image_id in enumerate(self.image_ids.tolist())}
+        return self._index
+
+    @property
+    def object_image(self) -> np.ndarray:
+        """``(N,)`` int64: the position in :attr:`image_ids` of each object's image (nondecreasing)."""
+        return np.repeat(np.arange(len(self.image_ids)), np.diff(self.offsets))
+
+    def __getitem__(self, image_id: str) -> ImageGT:
+        i = self.index[image_id]
+        rows = slice(self.offsets[i], self.offsets[i + 1])
+        return ImageGT(self.boxes_voc[rows], self.labels[rows], self.difficult[rows])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.image_ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __repr__(self) -> str:
+        return f"VOCGroundTruth({len(self)} images, {len(self.labels)} objects)"
 
 
 @dataclass
@@ -162,29 +238,31 @@ def _iou_voc(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (area_a + area_b - inter)
 
 
-def _gt_by_label(gt: Mapping[str, ImageGT], num_classes: int) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """One pass over the images: ``out[label][image_id] = (boxes_voc, difficult)`` of that label."""
-    out: list[dict] = [{} for _ in range(num_classes + 1)]
-    for image_id, g in gt.items():
-        if len(g.labels) == 0:
-            continue
-        bad = (g.labels < 1) | (g.labels > num_classes)
-        if bad.any():
-            raise ValueError(f"image {image_id}: label(s) {g.labels[bad].tolist()} outside 1..{num_classes}")
-        for label in np.unique(g.labels):
-            m = g.labels == label
-            out[int(label)][image_id] = (g.boxes_voc[m], g.difficult[m])
-    return out
+def _detection_images(dets: ClassDetections, gt: VOCGroundTruth, class_name: str) -> np.ndarray:
+    """``(D,)`` int64: the position in ``gt.image_ids`` of each detection's image.
 
-
-def _check_image_ids(dets: ClassDetections, gt: Mapping[str, ImageGT], class_name: str) -> None:
-    unknown = set(dets.image_ids.tolist()) - set(gt)
-    if unknown:
+    Raises:
+        KeyError: naming the class and a few of the ids that are not in the ground truth.
+    """
+    index = gt.index
+    det_image = np.fromiter(map(index.get, dets.image_ids, repeat(-1)), dtype=np.int64, count=len(dets))
+    if np.any(det_image < 0):
+        unknown = set(dets.image_ids[det_image < 0].tolist())
         sample = ", ".join(sorted(map(str, unknown))[:5])
         raise KeyError(
             f"class {class_name!r}: {len(unknown)} detection image id(s) not in the ground truth "
             f"(e.g. {sample}); are detections and split the same?"
         )
+    return det_image
+
+
+def _check_labels(gt: VOCGroundTruth, num_classes: int) -> None:
+    bad = (gt.labels < 1) | (gt.labels > num_classes)
+    if bad.any():
+        first = int(np.searchsorted(gt.offsets, np.flatnonzero(bad)[0], side="right")) - 1
+        labels = gt.labels[gt.offsets[first]:gt.offsets[first + 1]]
+        outside = labels[(labels < 1) | (labels > num_classes)]
+        raise ValueError(f"image {gt.image_ids[first]}: label(s) {outside.tolist()} outside 1..{num_classes}")
 
 
 def match_class_loop(
@@ -231,53 +309,89 @@ def match_class(
     iou_threshold: float = 0.5,
     chunk_elements: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised :func:`match_class_loop` (identical output).
+    """Vectorised :func:`match_class_loop` (identical output; same arguments and result).
 
-    Ground truth is padded to ``(M images, max boxes, 4)``; each detection's IoUs
-    against its image's boxes form a ``(D, max boxes)`` matrix computed in chunks
-    of at most ``chunk_elements`` entries.
+    ``chunk_elements`` bounds the size of the IoU matrix computed at once (see :func:`_match_sorted`).
     """
     order = np.argsort(-dets.scores, kind="stable")
-    n = len(order)
+    index_of = {image_id: i for i, image_id in enumerate(class_gt)}
+    values = list(class_gt.values())
+    counts = np.fromiter((len(b) for b, _ in values), dtype=np.int64, count=len(values))
+    obj_image = np.repeat(np.arange(len(values)), counts)
+    obj_boxes = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 4) for b, _ in values]) if values \
+        else np.empty((0, 4))
+    obj_difficult = np.concatenate([np.asarray(d, dtype=bool).reshape(-1) for _, d in values]) if values \
+        else np.empty(0, dtype=bool)
+    det_image = np.fromiter(map(index_of.get, dets.image_ids[order], repeat(-1)), dtype=np.int64, count=len(order))
+    return _match_sorted(obj_image, obj_boxes, obj_difficult, det_image, dets.boxes_voc[order], iou_threshold,
+                         chunk_elements)
+
+
+def _match_sorted(
+    obj_image: np.ndarray,
+    obj_boxes: np.ndarray,
+    obj_difficult: np.ndarray,
+    det_image: np.ndarray,
+    det_boxes: np.ndarray,
+    iou_threshold: float = 0.5,
+    chunk_elements: int = 1 << 22,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The vectorised matcher of one class, detections already in descending-score (stable) order.
+
+    Args:
+        obj_image: ``(G,)`` int64, the image of each ground-truth box of the class, nondecreasing
+            (an image's boxes are consecutive, in file order).
+        obj_boxes: ``(G, 4)`` float64 VOC boxes; ``obj_difficult``: ``(G,)`` bool.
+        det_image: ``(D,)`` int64, the image of each detection (in the numbering of ``obj_image``;
+            an image with no box of the class, or ``-1``, makes the detection a false positive).
+        det_boxes: ``(D, 4)`` float64 VOC boxes.
+        chunk_elements: the ground truth is padded to ``(images, max boxes, 4)``; each detection's
+            IoUs against its image's boxes form a ``(D, max boxes)`` matrix, computed in chunks of at
+            most this many entries.
+    Returns:
+        ``(tp, fp)``, float64 ``(D,)`` flags in the given order.
+    """
+    n = len(det_image)
     tp = np.zeros(n)
     fp = np.zeros(n)
     if n == 0:
         return tp, fp
-    image_ids = list(class_gt)
-    index_of = {image_id: i for i, image_id in enumerate(image_ids)}
-    max_n = max((len(b) for b, _ in class_gt.values()), default=0)
-    det_img = np.fromiter((index_of.get(i, -1) for i in dets.image_ids[order]), dtype=np.int64, count=n)
-    has_gt = det_img >= 0
-    if max_n == 0 or not has_gt.any():
+    if len(obj_image) == 0:
         fp[:] = 1.0
         return tp, fp
-    pad_boxes = np.zeros((len(image_ids), max_n, 4))
-    pad_valid = np.zeros((len(image_ids), max_n), dtype=bool)
-    pad_difficult = np.zeros((len(image_ids), max_n), dtype=bool)
-    for i, image_id in enumerate(image_ids):
-        b, dif = class_gt[image_id]
-        pad_boxes[i, : len(b)] = b
-        pad_valid[i, : len(b)] = True
-        pad_difficult[i, : len(b)] = dif
-    boxes = dets.boxes_voc[order]
+    starts = np.flatnonzero(np.concatenate(([True], obj_image[1:] != obj_image[:-1])))
+    slot_image = obj_image[starts]  # the images that have boxes of this class, ascending
+    counts = np.diff(np.append(starts, len(obj_image)))
+    max_n = int(counts.max())
+    slot_of_obj = np.repeat(np.arange(len(starts)), counts)
+    pos = np.arange(len(obj_image)) - starts[slot_of_obj]
+    pad_boxes = np.zeros((len(starts), max_n, 4))
+    pad_valid = np.zeros((len(starts), max_n), dtype=bool)
+    pad_difficult = np.zeros((len(starts), max_n), dtype=bool)
+    pad_boxes[slot_of_obj, pos] = obj_boxes
+    pad_valid[slot_of_obj, pos] = True
+    pad_difficult[slot_of_obj, pos] = obj_difficult
+    k = np.minimum(np.searchsorted(slot_image, det_image), len(slot_image) - 1)
+    det_slot = np.where(slot_image[k] == det_image, k, -1)
+    has_gt = det_slot >= 0
     ovmax = np.full(n, -np.inf)
     jmax = np.zeros(n, dtype=np.int64)
     rows = np.flatnonzero(has_gt)
     step = max(1, chunk_elements // max_n)
     for s in range(0, len(rows), step):
-        r = rows[s : s + step]
-        g = det_img[r]
-        ov = _iou_voc(boxes[r][:, None, :], pad_boxes[g])
+        r = rows[s:s + step]
+        g = det_slot[r]
+        ov = _iou_voc(det_boxes[r][:, None, :], pad_boxes[g])
         ov[~pad_valid[g]] = -np.inf
         # argmax picks the first maximal box, as the devkit's loop does.
         j = ov.argmax(axis=1)
         jmax[r] = j
         ovmax[r] = ov[np.arange(len(r)), j]
     matched = ovmax > iou_threshold
-    on_difficult = matched & pad_difficult[np.maximum(det_img, 0), jmax]
+    on_difficult = matched & pad_difficult[np.maximum(det_slot, 0), jmax]
     candidate = matched & ~on_difficult
     cand_rows = np.flatnonzero(candidate)
-    keys = det_img[cand_rows] * max_n + jmax[cand_rows]
+    keys = det_slot[cand_rows] * max_n + jmax[cand_rows]
     # np.unique's return_index gives the first occurrence, i.e. the highest-scored claim.
     _, first = np.unique(keys, return_index=True)
     tp[cand_rows[first]] = 1.0
@@ -298,12 +412,14 @@ def evaluate_voc(
     """VOC AP of every class and their mean.
 
     Args:
-        gt: image id → :class:`ImageGT` for every image of the split (images
-            without objects included: their detections are false positives).
+        gt: the ground truth of every image of the split (images without objects
+            included: their detections are false positives): a :class:`VOCGroundTruth`
+            or a mapping image id → :class:`ImageGT`.
         detections: class name → :class:`ClassDetections` (missing classes have none).
-        classes: foreground class names; ``ImageGT.labels`` index them 1-based.
+        classes: foreground class names; ground-truth labels index them 1-based.
         metric: ``"voc07"`` or ``"voc12"``.
-        matcher: :func:`match_class` (default) or :func:`match_class_loop`.
+        matcher: ``None`` (the vectorised matcher on the flat ground truth), or a function
+            with the signature of :func:`match_class` / :func:`match_class_loop`.
     Raises:
         KeyError: a detection names an image that is not in ``gt``.
     """
@@ -312,16 +428,22 @@ def evaluate_voc(
     unknown = set(detections) - set(classes)
     if unknown:
         raise KeyError(f"detections for unknown class(es) {sorted(unknown)}; classes are {list(classes)}")
-    matcher = matcher or match_class
+    gt = VOCGroundTruth.from_images(gt)
+    _check_labels(gt, len(classes))
+    object_image = gt.object_image
     ap: dict[str, float] = {}
     per_class: dict[str, ClassResult] = {}
-    gt_by_label = _gt_by_label(gt, len(classes))
     for label, name in enumerate(classes, start=1):
         dets = detections.get(name) or ClassDetections.empty()
-        _check_image_ids(dets, gt, name)
-        class_gt = gt_by_label[label]
-        npos = int(sum(int((~dif).sum()) for _, dif in class_gt.values()))
-        tp, fp = matcher(class_gt, dets, iou_threshold)
+        det_image = _detection_images(dets, gt, name)
+        rows = np.flatnonzero(gt.labels == label)  # in image order, file order within an image
+        npos = int(np.count_nonzero(~gt.difficult[rows]))
+        if matcher is None:
+            order = np.argsort(-dets.scores, kind="stable")
+            tp, fp = _match_sorted(object_image[rows], gt.boxes_voc[rows], gt.difficult[rows], det_image[order],
+                                   dets.boxes_voc[order], iou_threshold)
+        else:
+            tp, fp = matcher(_class_gt(gt, rows, object_image), dets, iou_threshold)
         tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
         precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
         if npos > 0:
@@ -333,3 +455,13 @@ def evaluate_voc(
             value = float("nan")
         per_class[name] = ClassResult(value, precision, recall, npos, len(dets), int(tp.sum()))
     return VOCEvalResult(metric, iou_threshold, ap, per_class)
+
+
+def _class_gt(gt: VOCGroundTruth, rows: np.ndarray, object_image: np.ndarray) -> dict[str, tuple]:
+    """Image id → ``(boxes_voc, difficult)`` of the objects ``rows`` (one class), as matchers take them."""
+    out = {}
+    images = object_image[rows]
+    bounds = np.flatnonzero(np.diff(images)) + 1
+    for chunk in np.split(rows, bounds) if len(rows) else []:
+        out[gt.image_ids[object_image[chunk[0]]]] = (gt.boxes_voc[chunk], gt.difficult[chunk])
+    return out
