@@ -29,6 +29,17 @@ def metadata(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+def round_trip(path, capsys) -> str:
+    """``python -m converters.onnx import`` of an export: onnx2torch's module against onnxruntime (at batch 1, and 2
+    when the batch axis is dynamic); returns the report."""
+    from converters.onnx.__main__ import main as onnx_main
+
+    code = onnx_main(["import", str(path), "-o", str(path.with_suffix(".pth"))])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
 # ------------------------------------------------------------------------------------------ SSD family
 @pytest.fixture(scope="module")
 def tiny_ssd(mini_shapes_root, tmp_path_factory, train_tiny):
@@ -64,6 +75,8 @@ def test_dsod_tiny_raw_and_postprocessed(tiny_dsod_checkpoints, mini_shapes_imag
     assert got.shape == expected.shape
     np.testing.assert_array_equal(got[..., :2], expected[..., :2])
     np.testing.assert_allclose(got[..., 2:], expected[..., 2:], rtol=0, atol=1e-4)
+    for path in (raw, post):
+        assert "batch 2" in round_trip(path, capsys)
 
 
 def test_ssd_tiny_fixed_batch(tiny_ssd, tmp_path, capsys):
@@ -71,6 +84,7 @@ def test_ssd_tiny_fixed_batch(tiny_ssd, tmp_path, capsys):
     assert code == 0, err
     assert [i.shape for i in session(tmp_path / "ssd.onnx").get_inputs()] == [[1, 3, 160, 160]]
     assert "opset 18" in out and "batch 2" not in out
+    assert "batch 1: loc" in round_trip(tmp_path / "ssd.onnx", capsys)
 
 
 # ------------------------------------------------------------------------------------------ converted Caffe nets
@@ -110,6 +124,7 @@ def test_converted_caffe_nets_give_caffes_blobs(net, tmp_path, capsys):
     np.testing.assert_allclose(rows[:, 2:], caffe_rows[:, 2:], rtol=0, atol=1e-5)
     if net == "yufacedetectnet_v1":
         assert (rows[:, 2] >= 0.5).sum() == 1  # the face
+    assert "batch 2: detection_out" in round_trip(onnx_path, capsys)
 
 
 def test_caffe_outputs_flag_and_its_errors(tmp_path, capsys):
@@ -172,6 +187,8 @@ def test_detr_raw_and_postprocessed(tiny_detrs, tmp_path, capsys, name):
         np.testing.assert_allclose(scores[i], e["scores"].numpy(), rtol=0, atol=1e-4)
         np.testing.assert_array_equal(labels[i], e["labels"].numpy())
         np.testing.assert_allclose(boxes[i], e["boxes"].numpy(), rtol=0, atol=1e-4)
+    for path in (tmp_path / "raw.onnx", tmp_path / "post.onnx"):
+        assert "batch 2" in round_trip(path, capsys)
 
 
 def test_official_sparse_detr_through_converters_detr(tmp_path, capsys):

@@ -162,4 +162,5 @@ def detection_output_graph(loc: torch.Tensor, conf: torch.Tensor, priors_xyxy: t
     empty = torch.cat([torch.arange(n, dtype=values.dtype)[:, None], torch.full((n, 6), -1.0, dtype=values.dtype)],
                       dim=1)
     nothing = (kept.reshape(-1).sum() == 0).expand(n)
-    return torch.cat([rows, empty[nothing]])[None, None]
+    # index_select of NonZero, not a boolean index (which exports as a GatherND that some importers mishandle).
+    return torch.cat([rows, empty.index_select(0, torch.nonzero(nothing).flatten())])[None, None]
