@@ -23,6 +23,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_home(tmp_path_factory, monkeypatch):
+    """Every test's cache folder (toolkit.evaluate's parsed ground truth) is its own, never the user's.
+
+    Here, not in a ``tests/<package>/conftest.py``: a second module named ``conftest`` would shadow this one for
+    the tests that ``from conftest import ...``."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def fixtures_root() -> Path:
     return Path(os.environ.get("TOOLKIT_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 

@@ -25,6 +25,12 @@ the toolkit model its blobs load into, through that model's rename table)::
 
     python -m toolkit.evaluate --checkpoint dsod300.pth --model dsod300 --dataset voc07test
 
+In onnxruntime: an ONNX file written by ``python -m toolkit.export``, or a checkpoint exported for the run
+(:mod:`toolkit.onnx_backend`)::
+
+    python -m toolkit.evaluate --checkpoint dsod_tiny.onnx --dataset shapes
+    python -m toolkit.evaluate --checkpoint runs/main/checkpoint.pth --dataset shapes --backend onnxruntime
+
 All print a per-class table; ``--plot`` writes precision-recall curves (PNG).
 
 The VOC and COCO paths import neither torch nor matplotlib (matplotlib only
@@ -64,7 +70,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="ImageSets/Main list name, e.g. test or val; default test")
     p.add_argument("--detections", type=Path,
                    help="VOC: folder of comp4_det_<split>_<class>.txt files; COCO: results JSON")
-    p.add_argument("--checkpoint", type=Path, help="a toolkit.train checkpoint to evaluate on --dataset")
+    p.add_argument("--checkpoint", type=Path,
+                   help="a toolkit.train checkpoint to evaluate on --dataset (or a converted one, or an ONNX file "
+                        "written by python -m toolkit.export)")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="with --checkpoint: run the detector in PyTorch or in onnxruntime (a checkpoint is exported "
+                        "for the run; an .onnx file always runs in onnxruntime)")
     p.add_argument("--dataset", help="dataset name for --checkpoint (its test split)")
     p.add_argument("--model", help="with a --checkpoint converted from Caffe (python -m converters.caffe convert): "
                                    "the toolkit model it loads into (default: the one whose Caffe layer names it "
@@ -131,17 +142,30 @@ def _run_checkpoint(args) -> dict:
     if not args.dataset:
         raise SystemExit("error: --checkpoint needs --dataset")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt, name = read_checkpoint(args.checkpoint, args.model)
-    # A converted Caffe model without stored names takes the dataset's (its own, when stored, must match).
-    use_dataset_classes = is_converted_checkpoint(ckpt) and "classes" not in ckpt
-    dataset = build_dataset(args.dataset, "test", root=args.data_root)
-    model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name,
-                                                 dataset.classes if use_dataset_classes else None, device)
-    setup = inference_setup(name, len(classes), args.nms)
+    if args.backend == "onnxruntime" or args.checkpoint.suffix.lower() == ".onnx":
+        from toolkit.onnx_backend import load_onnxruntime_detector, onnx_inference_setup
+
+        device = torch.device("cpu")
+        model = load_onnxruntime_detector(args.checkpoint, args.model)
+        dataset = build_dataset(args.dataset, "test", root=args.data_root)
+        classes, name = model.classes, model.model_name
+        setup = onnx_inference_setup(model, args.nms)
+        # Trained on the dataset (its names), or a converted model whose classes are matched by name.
+        by_name = model.family != "ssd" or args.checkpoint.suffix.lower() == ".onnx"
+        name = f"{name} (onnxruntime)"
+    else:
+        ckpt, name = read_checkpoint(args.checkpoint, args.model)
+        dataset = build_dataset(args.dataset, "test", root=args.data_root)
+        # A converted Caffe model without stored names takes the dataset's (its own, when stored, must match).
+        use_dataset_classes = is_converted_checkpoint(ckpt) and "classes" not in ckpt
+        model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name,
+                                                     dataset.classes if use_dataset_classes else None, device)
+        setup = inference_setup(name, len(classes), args.nms)
+        by_name = is_detr_checkpoint(ckpt) or is_converted_checkpoint(ckpt)
     dataset.transform = setup.transform  # every dataset class applies self.transform in __getitem__
     predict_fn = setup.predict_fn
     if tuple(dataset.classes) != classes:
-        if not (is_detr_checkpoint(ckpt) or is_converted_checkpoint(ckpt)):
+        if not by_name:
             raise ValueError(f"{args.checkpoint}: trained on classes {classes[1:]}, dataset {args.dataset!r} has "
                              f"{tuple(dataset.classes[1:])}")
         # A converted model (e.g. a COCO-trained DETR's 91 ids): its classes matched to the dataset's by name.
@@ -186,6 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit("error: give --detections (VOC folder or COCO results) or --checkpoint")
         elif args.nms != "greedy":
             raise ValueError("--nms applies to --checkpoint: --detections are already post-processed")
+        elif args.backend != "pytorch":
+            raise ValueError("--backend applies to --checkpoint: --detections are already computed")
         else:
             out = _run_coco(args) if args.coco_annotations else _run_voc(args)
     except (DatasetError, SubmissionFormatError, FileNotFoundError, KeyError, ValueError) as exc:

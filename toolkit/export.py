@@ -101,6 +101,11 @@ def parity_image(path: Optional[Path] = None) -> np.ndarray:
     return render_image(0, "test", 0).image_bgr
 
 
+def no_boxes() -> dict:
+    """The empty target a test transform is called with when only the image matters."""
+    return {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+
+
 def _batch_of(image: torch.Tensor, batch: int) -> torch.Tensor:
     """``(batch, ...)``: the image, then its mirror, alternately (distinct images in one batch)."""
     return torch.stack([image if i % 2 == 0 else image.flip(-1) for i in range(batch)])
@@ -167,8 +172,10 @@ class CaffeNetGraph(nn.Module):
 # ----------------------------------------------------------------------------- specs
 def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postprocess: bool = False,
                         input_size: Optional[Sequence[int]] = None, image: Optional[Path] = None,
-                        outputs: Optional[Sequence[str]] = None, top_k: int = 100) -> ExportSpec:
-    """The :class:`ExportSpec` of a checkpoint (module docstring: what each kind exports).
+                        outputs: Optional[Sequence[str]] = None, top_k: int = 100,
+                        classes: Optional[Sequence[str]] = None) -> ExportSpec:
+    """The :class:`ExportSpec` of a checkpoint (module docstring: what each kind exports); ``classes`` (background
+    first) name a converted Caffe checkpoint's classes when it stores none (default: VOC's).
 
     Raises:
         FileNotFoundError, ValueError: the checkpoint cannot be read (the loaders' messages).
@@ -186,9 +193,12 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
     if outputs:
         raise ExportError("--outputs names blobs of a converted Caffe net; this checkpoint is not one (or --model "
                           "was given)")
-    from toolkit.engine import load_trained_model
+    from toolkit.data.voc import VOC_CLASSES
+    from toolkit.engine import is_converted_checkpoint, load_trained_model
 
-    model, classes, name = load_trained_model(path, model_name=model_name)
+    if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
+        classes = ("background", *VOC_CLASSES)  # the converted presets are VOC models (as toolkit.predict)
+    model, classes, name = load_trained_model(path, model_name=model_name, classes=classes)
     if is_detr_checkpoint(ckpt):
         return _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
     return _ssd_spec(model, classes, name, with_postprocess, input_size, image)
@@ -203,8 +213,7 @@ def _ssd_spec(model, classes, name, with_postprocess, input_size, image) -> Expo
     size = tuple(input_size) if input_size else (spec.size, spec.size)
     pre = PREPROCESS_PRESETS[spec.preprocess]
     picture = parity_image(image)
-    tensor = SSDTestTransform(size, pre)(picture, {"boxes": np.zeros((0, 4), np.float32),
-                                                   "labels": np.zeros(0, np.int64)})[0]
+    tensor = SSDTestTransform(size, pre)(picture, no_boxes())[0]
     params = default_postprocess(len(classes)) if with_postprocess else None
     if params is not None:
         try:
@@ -222,9 +231,7 @@ def _ssd_spec(model, classes, name, with_postprocess, input_size, image) -> Expo
 
 
 def _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k) -> ExportSpec:
-    import cv2
-
-    from toolkit.data.detr_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+    from toolkit.data.detr_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, DETRFixedSizeTransform
     from toolkit.models.detr.training import DETR_PRESETS
 
     if input_size:
@@ -232,10 +239,7 @@ def _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
     else:
         scale = DETR_PRESETS[name].test_scale if name in DETR_PRESETS else 800
         size = (scale, scale)
-    picture = cv2.resize(parity_image(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    rgb = (picture[:, :, ::-1].astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN_RGB, np.float32)) \
-        / np.asarray(IMAGENET_STD_RGB, np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    tensor = DETRFixedSizeTransform(size)(parity_image(image), no_boxes())[0]
     outputs = ["scores", "labels", "boxes"] if with_postprocess else ["pred_logits", "pred_boxes"]
     meta = {"family": "detr", "model": name, "classes": json.dumps(list(classes)),
             "postprocess": f"top{top_k}" if with_postprocess else "none",
@@ -247,10 +251,9 @@ def _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
 
 
 def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
-    import cv2
-
     from toolkit.caffe.errors import CaffeConversionError
     from toolkit.caffe.net import CaffeNet
+    from toolkit.data.transforms import CaffePreprocess, SSDTestTransform
 
     if input_size:
         raise ExportError("--input-size: a converted Caffe net exports at its declared input shapes")
@@ -289,15 +292,15 @@ def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
     rgb = bool(hint("rgb", False))
     picture = parity_image(image)
 
+    pre = CaffePreprocess(tuple(mean), pixel_scale, "rgb" if rgb else "bgr")
+
     def make_inputs(batch: int):
         out = []
         for name in inputs:
             shape = list(net.input_shapes[name])
-            if len(shape) == 4 and shape[1] == 3:
-                warped = cv2.resize(picture, (shape[3], shape[2]), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-                x = (warped - np.asarray(mean, np.float32)) * np.float32(pixel_scale)
-                x = x[:, :, ::-1] if rgb else x
-                out.append(_batch_of(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), batch))
+            if len(shape) == 4 and shape[1] == 3:  # an image: Caffe's TEST transform (a LINEAR warp, the mean)
+                x = SSDTestTransform((shape[2], shape[3]), pre)(picture, no_boxes())[0]
+                out.append(_batch_of(x, batch))
             else:  # not an image: a fixed pseudo-random blob of the declared shape
                 g = torch.Generator().manual_seed(0)
                 out.append(torch.randn([batch, *shape[1:]], generator=g))
@@ -305,7 +308,9 @@ def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
 
     producers = {top: s.type for s in net.layer_specs for top in s.tops}  # the last writer of an in-place blob
     row_axes = {n: 2 for n in names if producers.get(n) == "DetectionOutput"}  # (1, 1, R, 7)
-    meta = {"family": "caffe", "model": net.name or "net", "postprocess": "caffe",
+    detection_tops = [t for spec in detection_layers for t in spec.tops if t in names]
+    meta = {"family": "caffe", "model": net.name or "net", "postprocess": "caffe" if detection_tops else "none",
+            "detections": detection_tops[0] if detection_tops else "",
             "classes": json.dumps(list(ckpt["classes"])) if ckpt.get("classes") else "",
             "preprocess": json.dumps({"mean_bgr": list(mean), "scale": pixel_scale,
                                       "channel_order": "rgb" if rgb else "bgr", "interpolation": "LINEAR"})}

@@ -4,8 +4,11 @@
 
     python -m toolkit.predict --checkpoint runs/main/checkpoint.pth img1.jpg img2.jpg --out predictions/
     python -m toolkit.predict --checkpoint dsod300.pth --model dsod300 --labelmap labelmap_voc.prototxt img.jpg --out p/
+    python -m toolkit.predict --checkpoint dsod_tiny.onnx img1.jpg --out predictions/          # onnxruntime
+    python -m toolkit.predict --checkpoint runs/main/checkpoint.pth --backend onnxruntime img1.jpg --out p/
 
-(the second: a Caffe model converted by ``python -m converters.caffe convert``).
+(the second: a Caffe model converted by ``python -m converters.caffe convert``; the last two run in onnxruntime:
+a ``python -m toolkit.export`` file, or a checkpoint exported for the run, see :mod:`toolkit.onnx_backend`).
 
 For every image, ``<out>/<stem>.png`` shows the boxes with class and score, and
 ``<out>/detections.json`` lists ``{"image", "boxes" (xyxy pixels), "scores", "labels", "classes"}``.
@@ -40,7 +43,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a toolkit.train checkpoint, or a Caffe model converted by python -m converters.caffe convert")
+                   help="a toolkit.train checkpoint, a Caffe model converted by python -m converters.caffe convert, "
+                        "or an ONNX file written by python -m toolkit.export (run by onnxruntime)")
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="onnxruntime: run the detector in onnxruntime (a checkpoint is exported for the run; an "
+                        ".onnx file always runs there)")
     p.add_argument("--model", help="with a converted Caffe checkpoint: the toolkit model it loads into (default: the "
                                    "one whose Caffe layer names it has: dsod300, ssd300 or grp_dsod320)")
     p.add_argument("--labelmap", type=Path,
@@ -60,23 +67,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    onnxruntime = args.backend == "onnxruntime" or args.checkpoint.suffix.lower() == ".onnx"
     try:
-        ckpt, name = read_checkpoint(args.checkpoint, args.model)
-        classes = None
-        if args.labelmap:
-            classes = ("background", *read_labelmap(args.labelmap).foreground)
-        elif is_converted_checkpoint(ckpt) and "classes" not in ckpt:
-            classes = ("background", *VOC_CLASSES)  # the converted presets are VOC models
-        model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name, classes, device)
+        classes = ("background", *read_labelmap(args.labelmap).foreground) if args.labelmap else None
+        if onnxruntime:
+            from toolkit.onnx_backend import load_onnxruntime_detector, onnx_inference_setup
+
+            device = torch.device("cpu")
+            model = load_onnxruntime_detector(args.checkpoint, args.model, classes)
+            classes, name = model.classes, model.model_name
+            setup = onnx_inference_setup(model, args.nms)
+        else:
+            ckpt, name = read_checkpoint(args.checkpoint, args.model)
+            if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
+                classes = ("background", *VOC_CLASSES)  # the converted presets are VOC models
+            model, classes, name = model_from_checkpoint(ckpt, args.checkpoint, name, classes, device)
+            setup = inference_setup(name, len(classes), args.nms)
     except (FileNotFoundError, ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        setup = inference_setup(name, len(classes), args.nms)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    thumbnailer = None if onnxruntime else find_thumbnailer(model)
+    if args.save_thumbnails and onnxruntime:
+        print("error: --save-thumbnails needs the PyTorch backend (the ONNX graph gives detections only)",
+              file=sys.stderr)
         return 2
-    thumbnailer = find_thumbnailer(model)
     if args.save_thumbnails and thumbnailer is None:
         print(f"error: {args.checkpoint}: --save-thumbnails needs a thumbnail model (toolkit.train --distill "
               "thumbdet); this one sees the full image", file=sys.stderr)

@@ -41,7 +41,7 @@ from toolkit.caffe.errors import CaffeConversionError
 from toolkit.caffe.net import CaffeNet, layer_included, modern_layers, parse_net_definition
 from toolkit.data.errors import AnnotationError, DatasetError, ImageReadError
 from toolkit.data.transforms import INTERPOLATIONS, CaffePreprocess, SSDTestTransform
-from toolkit.models.postprocess import DetectionOutputParams
+from toolkit.models.postprocess import DetectionOutputParams, detections_from_caffe_blob
 
 PathLike = str | os.PathLike
 
@@ -482,13 +482,8 @@ class CaffeDetector:
     def __call__(self, images: torch.Tensor) -> list[dict[str, np.ndarray]]:
         """Per image of the batch: ``labels`` int64 ``(K,)``, ``scores`` float32 ``(K,)``, ``boxes``
         float32 ``(K, 4)`` normalized xyxy (may reach past ``[0, 1]``), in DetectionOutput's row order."""
-        rows = self.rows(images)
-        out = []
-        for i in range(images.shape[0]):
-            mine = rows[rows[:, 0] == i]
-            out.append({"labels": mine[:, 1].astype(np.int64), "scores": mine[:, 2].copy(),
-                        "boxes": mine[:, 3:7].copy()})
-        return out
+        per_image = detections_from_caffe_blob(torch.from_numpy(self.rows(images)), images.shape[0])
+        return [{k: v.numpy() for k, v in d.items()} for d in per_image]
 
 
 @dataclass

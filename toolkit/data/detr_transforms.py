@@ -127,6 +127,19 @@ class DETRTestTransform:
         return _finish(image, boxes, np.ones(len(boxes), dtype=bool), target)
 
 
+class DETRFixedSizeTransform:
+    """Every image warped to ``size_hw`` (aspect ratio not kept), normalized: the input of a DETR exported at a
+    fixed size (``python -m toolkit.export``); batches stack without padding (:func:`collate_detection`)."""
+
+    def __init__(self, size_hw: Sequence[int]) -> None:
+        self.size_hw = (int(size_hw[0]), int(size_hw[1]))
+
+    def __call__(self, image: np.ndarray, target: dict, rng: Optional[np.random.Generator] = None):
+        boxes, target = _unpack(target)
+        image, boxes = _resize(image, boxes, self.size_hw)
+        return _finish(image, boxes, np.ones(len(boxes), dtype=bool), target)
+
+
 def collate_padded(batch: Sequence[tuple[torch.Tensor, dict]]):
     """Images of different sizes -> ``((images (B, 3, H, W) zero-padded bottom-right, mask bool (B, H, W) True on
     padding), targets)``."""

@@ -271,3 +271,17 @@ def to_caffe_detection_blob(results: list[dict[str, torch.Tensor]]) -> torch.Ten
         out[:, 0] = torch.arange(len(results), dtype=torch.float32)
         return out[None, None]
     return torch.cat(rows)[None, None]
+
+
+def detections_from_caffe_blob(blob: torch.Tensor, batch: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of :func:`to_caffe_detection_blob`: ``(1, 1, R, 7)`` rows (or ``(R, 7)``) of a batch of
+    ``batch`` images -> per image ``boxes`` float32 ``(K, 4)`` normalized xyxy, ``scores`` float32 ``(K,)``,
+    ``labels`` int64 ``(K,)``, in row order; Caffe's ``label -1`` placeholder rows are dropped."""
+    rows = blob.detach().float().cpu().reshape(-1, 7)
+    rows = rows[rows[:, 1] != -1]
+    out = []
+    for i in range(batch):
+        mine = rows[rows[:, 0] == i]
+        out.append({"boxes": mine[:, 3:7].contiguous(), "scores": mine[:, 2].contiguous(),
+                    "labels": mine[:, 1].to(torch.int64)})
+    return out
