@@ -182,7 +182,6 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
         ExportError: options that do not apply to this kind of checkpoint, or parameters with no graph form.
     """
     from toolkit.caffe.net import CHECKPOINT_FORMAT
-    from toolkit.engine import is_detr_checkpoint
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and model_name is None:
@@ -199,7 +198,17 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
     if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
         classes = ("background", *VOC_CLASSES)  # the converted presets are VOC models (as toolkit.predict)
     model, classes, name = load_trained_model(path, model_name=model_name, classes=classes)
-    if is_detr_checkpoint(ckpt):
+    return spec_for_model(model, classes, name, with_postprocess, input_size, image, top_k)
+
+
+def spec_for_model(model: nn.Module, classes: Sequence[str], name: str, with_postprocess: bool = False,
+                   input_size: Optional[Sequence[int]] = None, image: Optional[Path] = None,
+                   top_k: int = 100) -> ExportSpec:
+    """The :class:`ExportSpec` of a loaded toolkit detector (``name`` its preset; a DETR or an SSD-family model,
+    a ThumbDet student included), as :func:`spec_for_checkpoint` gives for its checkpoint."""
+    from toolkit.models.detr import DeformableDETR
+
+    if isinstance(model, DeformableDETR):
         return _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
     return _ssd_spec(model, classes, name, with_postprocess, input_size, image)
 
