@@ -224,3 +224,38 @@ def test_bad_arguments(tmp_path, capsys, tiny_dsod_checkpoints):
     code, _, err = run_export(capsys, "--checkpoint", tiny_dsod_checkpoints["teacher"], "-o", tmp_path / "x.onnx",
                               "--opset", "13")
     assert code == 2 and "--opset 13" in err
+
+
+# ------------------------------------------------------------------------------------------ int8
+def test_int8_quantization(tiny_dsod_checkpoints, mini_shapes_root, tmp_path, capsys):
+    """onnxruntime's static int8 model: quantized convolutions, the float model's metadata, outputs near the float
+    model's, and both mAPs reported."""
+    out = tmp_path / "raw.onnx"
+    code, printed, err = run_export(capsys, "--checkpoint", tiny_dsod_checkpoints["teacher"], "-o", out,
+                                    "--quantize", "int8", "--dataset", "shapes", "--data-root", mini_shapes_root,
+                                    "--calibration-images", "4")
+    assert code == 0, err
+    int8 = tmp_path / "raw.int8.onnx"
+    assert "float VOC07 mAP on the shapes test split" in printed and "int8  VOC07 mAP" in printed
+    model = onnx.load(str(int8))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    meta = metadata(int8)
+    assert meta["legacy_det.model"] == "dsod_tiny" and json.loads(meta["legacy_det.quantized"])["type"] == "int8"
+    from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform
+
+    image = export_mod.parity_image(None)
+    images = SSDTestTransform(160, PREPROCESS_PRESETS["dsod"])(image, export_mod.no_boxes())[0][None].numpy()
+    float_out = session(out).run(None, {"images": images})
+    int8_out = session(int8).run(None, {"images": images})
+    for name, f, q in zip(("loc", "conf"), float_out[:2], int8_out[:2]):
+        assert np.abs(q - f).mean() < 0.1 * f.std(), name  # quantization error, not another network
+    np.testing.assert_array_equal(float_out[2], int8_out[2])  # the priors are constants
+
+
+def test_int8_needs_a_dataset(tmp_path, capsys):
+    folder = require_fixture("caffe/yufacedetectnet_v1")
+    checkpoint = _convert(folder / "yufacedetectnet-open-v1.prototxt", folder / "yufacedetectnet-open-v1.caffemodel",
+                          tmp_path / "face.pth")
+    code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "f.onnx", "--quantize", "int8")
+    assert code == 2 and "give --dataset" in err

@@ -177,3 +177,24 @@ def _detr_predict(model: OnnxRuntimeDetector, images: torch.Tensor, device) -> l
     if "pred_logits" in out:
         return detr_postprocess(out)
     return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(out["boxes"], out["scores"], out["labels"])]
+
+
+def evaluate_onnx(detector: OnnxRuntimeDetector, dataset_name: str, data_root=None, metric: str = "voc07",
+                  progress: bool = False):
+    """AP of ``detector`` on the test split of ``dataset_name`` (its classes must be the dataset's); returns
+    :func:`toolkit.engine.evaluate_detector`'s result."""
+    from torch.utils.data import DataLoader
+
+    from toolkit.data import build_dataset
+    from toolkit.engine import evaluate_detector
+
+    setup = onnx_inference_setup(detector)
+    dataset = build_dataset(dataset_name, "test", root=data_root, transform=setup.transform)
+    if tuple(dataset.classes) != tuple(detector.classes):
+        raise ValueError(f"{detector.source}: classes {detector.classes[1:]}, dataset {dataset_name!r} has "
+                         f"{tuple(dataset.classes[1:])}")
+    loader = DataLoader(dataset, batch_size=setup.batch_size, shuffle=False, num_workers=0,
+                        collate_fn=setup.collate)
+    result, _ = evaluate_detector(detector, dataset, loader, None, torch.device("cpu"), metric, progress=progress,
+                                  predict_fn=setup.predict_fn)
+    return result
