@@ -107,7 +107,7 @@ def no_boxes() -> dict:
     return {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
 
 
-def _batch_of(image: torch.Tensor, batch: int) -> torch.Tensor:
+def batch_of(image: torch.Tensor, batch: int) -> torch.Tensor:
     """``(batch, ...)``: the image, then its mirror, alternately (distinct images in one batch)."""
     return torch.stack([image if i % 2 == 0 else image.flip(-1) for i in range(batch)])
 
@@ -235,7 +235,7 @@ def _ssd_spec(model, classes, name, with_postprocess, input_size, image) -> Expo
             "postprocess": "detection_output" if with_postprocess else "none",
             "preprocess": json.dumps({"size_hw": list(size), "mean_bgr": list(pre.mean_bgr), "scale": pre.scale,
                                       "channel_order": pre.channel_order, "interpolation": "LINEAR"})}
-    return ExportSpec(SSDGraph(model, params).eval(), ["images"], outputs, lambda b: (_batch_of(tensor, b),),
+    return ExportSpec(SSDGraph(model, params).eval(), ["images"], outputs, lambda b: (batch_of(tensor, b),),
                       {"detection_out": 2} if with_postprocess else {}, meta,
                       f"{name} ({len(classes) - 1} classes), input {size[0]}x{size[1]}")
 
@@ -256,7 +256,7 @@ def _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
             "preprocess": json.dumps({"size_hw": list(size), "mean_rgb": list(IMAGENET_MEAN_RGB),
                                       "std_rgb": list(IMAGENET_STD_RGB), "interpolation": "LINEAR"})}
     return ExportSpec(DETRGraph(model, top_k if with_postprocess else None).eval(), ["images"], outputs,
-                      lambda b: (_batch_of(tensor, b),), {}, meta,
+                      lambda b: (batch_of(tensor, b),), {}, meta,
                       f"{name} ({len(classes) - 1} classes), input {size[0]}x{size[1]}")
 
 
@@ -310,7 +310,7 @@ def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
             shape = list(net.input_shapes[name])
             if len(shape) == 4 and shape[1] == 3:  # an image: Caffe's TEST transform (a LINEAR warp, the mean)
                 x = SSDTestTransform((shape[2], shape[3]), pre)(picture, no_boxes())[0]
-                out.append(_batch_of(x, batch))
+                out.append(batch_of(x, batch))
             else:  # not an image: a fixed pseudo-random blob of the declared shape
                 g = torch.Generator().manual_seed(0)
                 out.append(torch.randn([batch, *shape[1:]], generator=g))

@@ -171,22 +171,20 @@ def _parity_inputs(model, batch: int, sizes: Mapping[str, int]) -> dict[str, np.
 
 
 def _preprocessed_scene(preprocess: dict, shape) -> np.ndarray:
-    """A rendered ``shapes`` scene (and its mirror, alternately) as ``toolkit.export`` preprocessed its input."""
-    import cv2
-
-    from toolkit.data.shapes import render_image
+    """``toolkit.export``'s parity image (a rendered ``shapes`` scene, and its mirror, alternately) through the
+    test transform the file's metadata describes, at the input's size."""
+    from toolkit.data.detr_transforms import DETRFixedSizeTransform
+    from toolkit.data.transforms import CaffePreprocess, SSDTestTransform
+    from toolkit.export import batch_of, no_boxes, parity_image
 
     n, _, h, w = shape
-    image = cv2.resize(render_image(0, "test", 0).image_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-    x = image.astype(np.float32)
-    if "mean_rgb" in preprocess:  # DETR: ImageNet normalization of RGB in [0, 1]
-        x = (x[:, :, ::-1] / 255.0 - np.asarray(preprocess["mean_rgb"], np.float32)) \
-            / np.asarray(preprocess["std_rgb"], np.float32)
+    if "mean_rgb" in preprocess:  # DETR: ImageNet normalization
+        transform = DETRFixedSizeTransform((h, w))
     else:  # Caffe: (x - mean_bgr) * scale, then the channel order
-        x = (x - np.asarray(preprocess["mean_bgr"], np.float32)) * np.float32(preprocess.get("scale", 1.0))
-        x = x[:, :, ::-1] if preprocess.get("channel_order") == "rgb" else x
-    x = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
-    return np.stack([x if i % 2 == 0 else x[:, :, ::-1] for i in range(n)])
+        transform = SSDTestTransform((h, w), CaffePreprocess(tuple(preprocess["mean_bgr"]),
+                                                             float(preprocess.get("scale", 1.0)),
+                                                             preprocess.get("channel_order", "bgr")))
+    return batch_of(transform(parity_image(), no_boxes())[0], n).numpy()
 
 
 def check_parity(model, module, batch: int, tolerance: float, sizes: Mapping[str, int]) -> dict[str, float]:
