@@ -259,3 +259,41 @@ def test_int8_needs_a_dataset(tmp_path, capsys):
                           tmp_path / "face.pth")
     code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "f.onnx", "--quantize", "int8")
     assert code == 2 and "give --dataset" in err
+
+
+# ------------------------------------------------------------------------------------------ every Caffe layer
+ZOO = ["activations", "bn_scale", "concat", "conv", "deconv", "dense_block_inplace", "eltwise", "grp_gate",
+       "innerproduct", "lrn", "mini_ssd", "normalize", "pool", "priorbox", "shape_ops", "slice_crop", "softmax"]
+
+
+@pytest.mark.parametrize("net", [f"layer_zoo/{n}" for n in ZOO]
+                         + [f"legacy_v1/{n}" for n in ("branch_v1", "ssd_base_v1", "vgg_lrn_v1")])
+def test_every_supported_caffe_layer_exports(net, tmp_path, capsys):
+    """Each layer-zoo and V1 net (every layer type the interpreter supports), exported on its recorded input
+    (--input) at batch 1 and 2: onnxruntime gives real Caffe's recorded outputs."""
+    from toolkit.caffe.net import load_caffe_net
+
+    folder = require_fixture(f"caffe/{net}")
+    prototxt = next(folder.glob("*.prototxt"))
+    weights = next(folder.glob("*.caffemodel"), None)
+    checkpoint = tmp_path / "net.pth"
+    if weights is not None:
+        _convert(prototxt, weights, checkpoint)
+    else:
+        torch.save(load_caffe_net(prototxt, None).checkpoint(), checkpoint)
+    onnx_path = tmp_path / "net.onnx"
+    code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", onnx_path, "--input", folder / "input.npz",
+                              "--dynamic-batch")
+    assert code == 0, err
+    s = session(onnx_path)
+    feeds = dict(np.load(folder / "input.npz"))
+    got = s.run(None, {i.name: feeds[i.name].astype(np.float32) for i in s.get_inputs()})
+    reference = np.load(folder / "output.npz")
+    compared = 0
+    for value, array in zip(s.get_outputs(), got):
+        if value.name in reference.files:
+            expected = reference[value.name]
+            np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()),
+                                       err_msg=value.name)
+            compared += 1
+    assert compared == len(got)

@@ -174,9 +174,10 @@ class CaffeNetGraph(nn.Module):
 def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postprocess: bool = False,
                         input_size: Optional[Sequence[int]] = None, image: Optional[Path] = None,
                         outputs: Optional[Sequence[str]] = None, top_k: int = 100,
-                        classes: Optional[Sequence[str]] = None) -> ExportSpec:
+                        classes: Optional[Sequence[str]] = None, input_npz: Optional[Path] = None) -> ExportSpec:
     """The :class:`ExportSpec` of a checkpoint (module docstring: what each kind exports); ``classes`` (background
-    first) name a converted Caffe checkpoint's classes when it stores none (default: VOC's).
+    first) name a converted Caffe checkpoint's classes when it stores none (default: VOC's); ``input_npz``: a
+    converted Caffe net's check inputs, one array per input blob (``python -m converters.caffe run``'s format).
 
     Raises:
         FileNotFoundError, ValueError: the checkpoint cannot be read (the loaders' messages).
@@ -189,10 +190,10 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
         if with_postprocess:
             raise ExportError("--with-postprocess: a converted Caffe net exports its own DetectionOutput (its output "
                               "blob); give --model to export it as a native preset instead")
-        return _caffe_spec(path, ckpt, image, outputs, input_size)
-    if outputs:
-        raise ExportError("--outputs names blobs of a converted Caffe net; this checkpoint is not one (or --model "
-                          "was given)")
+        return _caffe_spec(path, ckpt, image, outputs, input_size, input_npz)
+    if outputs or input_npz:
+        raise ExportError(f"{'--outputs' if outputs else '--input'} applies to a converted Caffe net; this checkpoint "
+                          "is not one (or --model was given)")
     from toolkit.data.voc import VOC_CLASSES
     from toolkit.engine import is_converted_checkpoint, load_trained_model
 
@@ -260,7 +261,7 @@ def _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
                       f"{name} ({len(classes) - 1} classes), input {size[0]}x{size[1]}")
 
 
-def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
+def _caffe_spec(path, ckpt, image, outputs, input_size, input_npz=None) -> ExportSpec:
     from toolkit.caffe.errors import CaffeConversionError
     from toolkit.caffe.net import CaffeNet
     from toolkit.data.transforms import CaffePreprocess, SSDTestTransform
@@ -304,7 +305,17 @@ def _caffe_spec(path, ckpt, image, outputs, input_size) -> ExportSpec:
 
     pre = CaffePreprocess(tuple(mean), pixel_scale, "rgb" if rgb else "bgr")
 
+    given = None
+    if input_npz is not None:
+        with np.load(input_npz) as arrays:
+            missing = [n for n in inputs if n not in arrays.files]
+            if missing:
+                raise ExportError(f"{input_npz}: no array for the net's input {', '.join(map(repr, missing))}")
+            given = {n: torch.from_numpy(np.ascontiguousarray(arrays[n], dtype=np.float32)) for n in inputs}
+
     def make_inputs(batch: int):
+        if given is not None:  # the file's first images; its mirror images where it holds fewer than batch
+            return tuple(torch.cat([x, x.flip(-1)])[:batch] if len(x) < batch else x[:batch] for x in given.values())
         out = []
         for name in inputs:
             shape = list(net.input_shapes[name])
@@ -376,7 +387,9 @@ def check_parity(session, spec: ExportSpec, inputs, expected: Sequence[np.ndarra
     """Max ``|onnxruntime - PyTorch|`` per output on ``inputs`` (PyTorch gave ``expected``); raises
     :class:`ExportError` naming the first output of another shape or beyond ``tolerance``."""
     batch = len(inputs[0])
-    got = session.run(spec.output_names, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+    # The exporter drops inputs whose values the graph never reads (a Caffe input used for its shape only).
+    wanted = {i.name for i in session.get_inputs()}
+    got = session.run(spec.output_names, {n: t.numpy() for n, t in zip(spec.input_names, inputs) if n in wanted})
     diffs = {}
     for name, e, g in zip(spec.output_names, expected, got):
         if e.shape != g.shape:
@@ -540,6 +553,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="the input size (default: the preset's test size)")
     p.add_argument("--image", type=Path, help="the image of the onnxruntime check (default: a rendered shapes scene)")
+    p.add_argument("--input", type=Path, metavar="NPZ",
+                   help="a converted Caffe net: the check's inputs instead, one array per input blob (as python -m "
+                        "converters.caffe run takes them)")
     p.add_argument("--outputs", nargs="+", metavar="BLOB",
                    help="a converted Caffe net: the blobs to export as outputs (default: the net's outputs and its "
                         "DetectionOutput's bottoms)")
@@ -566,7 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         spec = spec_for_checkpoint(args.checkpoint, args.model, args.with_postprocess, args.input_size, args.image,
-                                   args.outputs, args.top_k)
+                                   args.outputs, args.top_k, input_npz=args.input)
         print(f"exporting {spec.description} from {args.checkpoint}", flush=True)
         report = export(spec, args.output, args.opset, args.dynamic_batch, args.tolerance)
     except (FileNotFoundError, ValueError, KeyError, ExportError) as exc:

@@ -1009,7 +1009,9 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: Shape, stride: Shape, pad
     ``H + pad`` / ``W + pad`` (so padding counts, windows reaching past the
     padding do not).
     """
-    h, w = x.shape[-2:]
+    # Python ints: a traced export (toolkit.export) then folds the sizes as the net's fixed input gives them,
+    # instead of recording Shape arithmetic whose Python semantics ONNX does not share.
+    h, w = (int(v) for v in x.shape[-2:])
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     clip = bool(ph or pw)  # Caffe applies the clip to both axes when either is padded
     out_h = caffe_pooled_size(h, kh, sh, ph, clip)
@@ -1023,7 +1025,10 @@ def caffe_pool2d(x: torch.Tensor, method: str, kernel: Shape, stride: Shape, pad
         xp = F.pad(x, pads, value=lowest) if any(pads) else x
         return F.max_pool2d(xp, (kh, kw), (sh, sw))[..., :out_h, :out_w]
     xp = F.pad(x, pads) if any(pads) else x
-    sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), divisor_override=1)[..., :out_h, :out_w]
+    if torch.onnx.is_in_onnx_export():  # ONNX AveragePool has no divisor_override: the mean times the window
+        sums = F.avg_pool2d(xp, (kh, kw), (sh, sw))[..., :out_h, :out_w] * (kh * kw)
+    else:
+        sums = F.avg_pool2d(xp, (kh, kw), (sh, sw), divisor_override=1)[..., :out_h, :out_w]
     hs = torch.arange(out_h, device=x.device, dtype=x.dtype) * sh - ph
     ws = torch.arange(out_w, device=x.device, dtype=x.dtype) * sw - pw
     # Window sizes before clipping to the image: min(start + k, size + pad) - start.
@@ -1047,7 +1052,7 @@ class Pooling(CaffeLayer):
         self.global_pooling = global_pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = tuple(x.shape[-2:]) if self.global_pooling else self.kernel
+        kernel = tuple(int(v) for v in x.shape[-2:]) if self.global_pooling else self.kernel
         return caffe_pool2d(x, self.method, kernel, self.stride, self.pad)
 
     def extra_repr(self) -> str:
@@ -1106,7 +1111,11 @@ class LRN(CaffeLayer):
         sq = x.square()
         if self.region == "ACROSS_CHANNELS":
             padded = F.pad(sq, (0, 0, 0, 0, pre, n - pre - 1))
-            window = padded.unfold(1, n, 1).sum(dim=-1)
+            channels = int(x.shape[1])
+            # The window's sum as n shifted slices (not unfold: an ONNX export needs its sizes static).
+            window = padded[:, :channels]
+            for i in range(1, n):
+                window = window + padded[:, i:i + channels]
             scale = self.k + (self.alpha / n) * window
         else:
             scale = 1 + self.alpha * caffe_pool2d(sq, "AVE", (n, n), (1, 1), (pre, pre))
@@ -1164,12 +1173,14 @@ class PriorBox(CaffeLayer):
         self._cache: dict = {}
 
     def forward(self, feature: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        key = (tuple(feature.shape[-2:]), tuple(image.shape[-2:]), feature.device, feature.dtype)
+        key = (tuple(int(v) for v in feature.shape[-2:]), tuple(int(v) for v in image.shape[-2:]), feature.device,
+               feature.dtype)
         if key not in self._cache:
             boxes, variances = prior_boxes(self.spec, key[0], key[1])
             self._cache = {key: caffe_priorbox_blob(boxes, variances).to(device=feature.device,
                                                                          dtype=feature.dtype)}
-        return self._cache[key]
+        # A copy: no caller can change the cache, and a traced export sees an operation producing the top.
+        return self._cache[key].clone()
 
     def extra_repr(self) -> str:
         return repr(self.spec)
