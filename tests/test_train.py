@@ -386,3 +386,37 @@ def test_voting_cluster_diou_nms_in_training_evaluate_and_predict(data_root, tmp
     assert train_mod.main(_args(data_root, tmp_path / "detr", "--model", "deformable_detr_tiny", "--iters", "1",
                                 "--nms", "voting_cluster_diou")) == 2
     assert "has no NMS" in capsys.readouterr().err
+
+
+def test_gfl_head_trains_evaluates_and_predicts(mini_shapes_root, train_tiny, tmp_path, capsys):
+    """gfl_dsod_tiny through toolkit.train, toolkit.evaluate (both NMS kinds) and toolkit.predict."""
+    from toolkit.engine import load_trained_model
+    from toolkit.evaluate import main as evaluate_main
+    from toolkit.models.gfl import GFLDetector
+    from toolkit.predict import main as predict_main
+
+    out = tmp_path / "gfl"
+    # Enough steps for scores above GFL's 0.05 threshold: the evaluations and drawings have detections to compare.
+    checkpoint = train_tiny(mini_shapes_root, out, "gfl_dsod_tiny", "--iters", "12", "--warmup-iters", "0",
+                            "--lr", "0.02", "--nms", "voting_cluster_diou")
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert set(history[0]) >= {"loss", "loss_cls", "loss_box", "loss_dfl"}
+    assert history[-1]["loss"] < history[0]["loss"]
+    model, classes, name = load_trained_model(checkpoint)
+    assert isinstance(model, GFLDetector) and name == "gfl_dsod_tiny" and len(classes) == 7
+    trained = json.loads((out / "metrics.json").read_text())["mAP"]
+    common = ["--checkpoint", str(checkpoint), "--dataset", "shapes", "--data-root", str(mini_shapes_root)]
+    for nms in ("voting_cluster_diou", "greedy"):
+        assert evaluate_main([*common, "--nms", nms, "--json", str(tmp_path / f"{nms}.json")]) == 0
+    assert json.loads((tmp_path / "voting_cluster_diou.json").read_text())["mAP"] == pytest.approx(trained, abs=1e-9)
+    image = sorted((mini_shapes_root / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+    assert predict_main(["--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "pred"),
+                         "--score-threshold", "0.0"]) == 0
+    record = json.loads((tmp_path / "pred" / "detections.json").read_text())["detections"][0]
+    assert 0 < len(record["boxes"]) <= 100 and min(record["scores"]) > 0.05  # GFL's threshold and cut
+    assert set(record["labels"]) <= set(range(1, 7))
+    capsys.readouterr()
+    assert train_mod.main(["--dataset", "shapes", "--model", "gfl_dsod_tiny", "--data-root", str(mini_shapes_root),
+                           "--out", str(tmp_path / "thumb"), "--distill", "thumbdet", "--teacher", str(checkpoint),
+                           "--no-progress"]) == 2
+    assert "GFL head" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -423,7 +424,8 @@ class InferenceSetup:
 
 def inference_setup(model_name: str, num_classes: int, nms: str = "greedy") -> InferenceSetup:
     """The test-time pipeline of a preset (``num_classes`` with the background).  ``nms``: the SSD family's NMS
-    (:data:`toolkit.models.postprocess.NMS_KINDS`); the DETR family has none (its post-processing is a top-k).
+    (:data:`toolkit.models.postprocess.NMS_KINDS`; the GFL-head presets apply it at GFL's IoU 0.6); the DETR family
+    has none (its post-processing is a top-k).
 
     Raises:
         ValueError: an unknown ``nms``, or another NMS than ``"greedy"`` for the DETR family.
@@ -443,11 +445,16 @@ def inference_setup(model_name: str, num_classes: int, nms: str = "greedy") -> I
         return InferenceSetup(DETRTestTransform(preset.test_scale, preset.max_size), collate_padded, detr_predict,
                               None, 4)
     from toolkit.data.transforms import PREPROCESS_PRESETS, SSDTestTransform, collate_detection
-    from toolkit.models.build import INPUTS, default_postprocess
+    from toolkit.models.build import GFL_MODELS, INPUTS, default_postprocess
 
     spec = INPUTS[model_name]
-    return InferenceSetup(SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess]), collate_detection, None,
-                          replace(default_postprocess(num_classes), nms=nms), 16)
+    transform = SSDTestTransform(spec.size, PREPROCESS_PRESETS[spec.preprocess])
+    if model_name in GFL_MODELS:  # the SSD family's input, GFL's post-processing (toolkit.models.gfl)
+        from toolkit.models.gfl import GFLPostprocessParams, predict_gfl
+
+        return InferenceSetup(transform, collate_detection, partial(predict_gfl, params=GFLPostprocessParams(nms=nms)),
+                              None, 16)
+    return InferenceSetup(transform, collate_detection, None, replace(default_postprocess(num_classes), nms=nms), 16)
 
 
 def relabel(predict_fn: Optional[Callable], params, mapping: dict[int, int]) -> Callable:

@@ -40,6 +40,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -73,9 +74,10 @@ from toolkit.engine import (
     state_dict_mismatch,
 )
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
-from toolkit.models.build import INPUTS, MODELS, build_model, default_postprocess
+from toolkit.models.build import GFL_MODELS, INPUTS, MODELS, build_model, default_postprocess
 from toolkit.models.caffe_import import init_from_checkpoint
 from toolkit.models.detr.training import DETR_PRESETS
+from toolkit.models.gfl import GFLLoss, GFLPostprocessParams, predict_gfl
 from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.postprocess import NMS_KINDS
@@ -117,6 +119,8 @@ SOLVERS: dict[str, SolverPreset] = {
     # The CPU preset for the shapes dataset (the README's main job: make run adds --amp --cache-images
     # --workers 0): 651 s of training on 2 cores, VOC07 mAP 0.810 (README).
     "dsod_tiny": SolverPreset(0.2, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror"),
+    "gfl_dsod_tiny": SolverPreset(0.05, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror"),
+    "gfl_dsod300": SolverPreset(0.05, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4, warmup_iters=500),
 }
 # Deformable DETR's main.py defaults (Sparse DETR keeps them): AdamW lr 2e-4, backbone 2e-5, offsets x0.1, weight
 # decay 1e-4, clip 0.1, batch 2, 50 epochs, lr / 10 after 40.
@@ -307,9 +311,14 @@ class Trainer:
         if preset is None:
             raise KeyError(f"no solver preset for model {args.model!r}")
         self.is_detr = args.model in DETR_PRESETS
+        # The GFL-head presets: the SSD family's data and backbones, GFL's loss and post-processing.
+        self.is_gfl = args.model in GFL_MODELS
         self.model_config = None
         if args.distill is None and args.teacher is not None:
             raise ValueError("--teacher needs --distill thumbdet")
+        if args.distill == "thumbdet" and self.is_gfl:
+            raise ValueError(f"--distill thumbdet: {args.model} has a GFL head; ThumbDet is for the SSD and DETR "
+                             "heads")
         if args.distill and args.init_from:
             raise ValueError("--distill thumbdet starts the student from the teacher's weights: drop --init-from")
         if self.is_detr:
@@ -423,6 +432,12 @@ class Trainer:
             for note in init_from_checkpoint(model, load_checkpoint(args.init_from), str(args.init_from)):
                 if dist_info.is_main:
                     print(f"--init-from: {note}")
+        if self.is_gfl:
+            self.criterion = GFLLoss()
+            self.post = None
+            self.predict_fn = partial(predict_gfl, params=GFLPostprocessParams(nms=args.nms))
+            self.loss_keys = ("loss", "loss_cls", "loss_box", "loss_dfl")
+            return model, s
         self.criterion = MultiBoxLoss(MultiBoxLossParams(num_classes=len(self.classes)))
         self.post = replace(default_postprocess(len(self.classes)), nms=args.nms)
         self.predict_fn = None
@@ -599,6 +614,8 @@ class Trainer:
 
             losses = self.criterion(out, detr_targets(targets, self.device))
             return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.loss_keys[1:4]}}
+        if self.is_gfl:  # targets in pixels of the network input; the assignment moves them to the device
+            return self.criterion(out, targets)
         norm_targets = normalized_targets(targets, tuple(inputs.shape[-2:]), self.device)
         return self.criterion(out["loc"], out["conf"], out["priors"], out["variances"], norm_targets)
 

@@ -39,7 +39,7 @@ def atss_assign(anchors: torch.Tensor, num_per_level: Sequence[int], gt_boxes: t
     p, g = anchors.shape[0], gt_boxes.shape[0]
     if sum(num_per_level) != p:
         raise ValueError(f"{p} anchors, but the levels hold {sum(num_per_level)}")
-    assigned = torch.full((p,), -1, dtype=torch.int64)
+    assigned = torch.full((p,), -1, dtype=torch.int64, device=anchors.device)
     best = anchors.new_zeros(p)
     if g == 0 or p == 0:
         return assigned, best
@@ -56,7 +56,7 @@ def atss_assign(anchors: torch.Tensor, num_per_level: Sequence[int], gt_boxes: t
             candidates.append(nearest + start)
         start += count
     candidates = torch.cat(candidates)  # (K, G)
-    columns = torch.arange(g)
+    columns = torch.arange(g, device=anchors.device)
     candidate_iou = overlaps[candidates, columns]
     threshold = candidate_iou.mean(dim=0) + candidate_iou.std(dim=0)
     centres = anchor_centres[candidates]  # (K, G, 2)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from torch import nn
+
 from toolkit.models.box_coder import CodeType
 from toolkit.models.dsod import SOURCE_NAMES, DSODBackbone, DSODConfig
+from toolkit.models.gfl import GFLDetector, GFLHead, level_anchor_sizes
 from toolkit.models.grp_dsod import GATED_SOURCE_NAMES, GRPDSODBackbone, GRPDSODConfig
 from toolkit.models.postprocess import DetectionOutputParams
 from toolkit.models.priors import PriorBoxSpec, PriorGenerator
@@ -128,13 +131,37 @@ GRP_DSOD_TINY = GRPDSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottle
 GRP_DSOD_TINY_PRIORS = _specs((16, 32, 59.2, 86.4, 113.6, 140.8), (32, 59.2, 86.4, 113.6, 140.8, 168),
                               ((1.6, 2, 3),) * 4 + ((1.6, 2),) * 2, (8, 16, 32, 53.3333, 80, 160))
 
-MODELS: dict[str, Callable[[int], SSDDetector]] = {
+
+def build_gfl_dsod(num_classes: int, cfg: DSODConfig = DSODConfig(), image_size: int = 300,
+                   prior_specs: tuple[PriorBoxSpec, ...] = DSOD300_PRIORS, reg_max: int = 16,
+                   tower_convs: int = 0, batch_norm: bool = True) -> GFLDetector:
+    """A DSOD backbone with the GFL-style head (:mod:`toolkit.models.gfl`; GFL-DSOD300 with the defaults).
+
+    ``num_classes`` includes the background (the head predicts the others).  ``prior_specs`` are the SSD preset's
+    priors of the same backbone: each level's single anchor is the middle of its size range
+    (:func:`~toolkit.models.gfl.level_anchor_sizes`).  ``caffe_names`` covers the backbone (DSOD's numbering).
+    """
+    backbone = DSODBackbone(cfg)
+    if len(prior_specs) != len(backbone.out_channels):
+        raise ValueError(f"{len(prior_specs)} prior specs for {len(backbone.out_channels)} sources")
+    head = GFLHead(backbone.out_channels, num_classes - 1, reg_max, normalize=True, tower_convs=tower_convs,
+                   batch_norm=batch_norm, bn_momentum=cfg.bn_momentum)
+    names = {f"backbone.{k}": v for k, v in backbone.caffe_names.items()}
+    return GFLDetector(backbone, head, level_anchor_sizes(prior_specs), (image_size, image_size), names)
+
+
+# The GFL-head presets (toolkit.models.gfl): their own loss and post-processing (toolkit.train, toolkit.engine).
+GFL_MODELS = ("gfl_dsod300", "gfl_dsod_tiny")
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
     "dsod300": lambda num_classes: build_dsod(num_classes),
     "ssd300": lambda num_classes: build_ssd_vgg(num_classes),
     "ssd_tiny": lambda num_classes: build_ssd_vgg(num_classes, SSD_TINY, 160, SSD_TINY_PRIORS),
     "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
     "grp_dsod320": lambda num_classes: build_grp_dsod(num_classes),
     "grp_dsod_tiny": lambda num_classes: build_grp_dsod(num_classes, GRP_DSOD_TINY, 160, GRP_DSOD_TINY_PRIORS),
+    "gfl_dsod300": lambda num_classes: build_gfl_dsod(num_classes),
+    "gfl_dsod_tiny": lambda num_classes: build_gfl_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
 }
 
 
@@ -154,6 +181,8 @@ INPUTS: dict[str, InputSpec] = {
     "ssd_tiny": InputSpec(160, "ssd"),
     "grp_dsod320": InputSpec(320, "dsod"),
     "grp_dsod_tiny": InputSpec(160, "dsod"),
+    "gfl_dsod300": InputSpec(300, "dsod"),
+    "gfl_dsod_tiny": InputSpec(160, "dsod"),
 }
 
 
@@ -163,7 +192,7 @@ def default_postprocess(num_classes: int) -> DetectionOutputParams:
                                  confidence_threshold=0.01, code_type=CodeType.CENTER_SIZE)
 
 
-def build_model(name: str, num_classes: int) -> SSDDetector:
+def build_model(name: str, num_classes: int) -> nn.Module:
     """Build a model preset by name (see :data:`MODELS`); ``num_classes`` includes the background."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
