@@ -142,19 +142,19 @@ def test_caffe_outputs_flag_and_its_errors(tmp_path, capsys):
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "c.onnx").exists()
 
 
-def test_adaptive_nms_is_refused_naming_the_layer(tmp_path, capsys):
+def test_adaptive_nms_exports_as_a_loop(tmp_path, capsys):
+    """The face detector with eta 0.9: its DetectionOutput through an ONNX Loop, rows equal to PyTorch's."""
     folder = require_fixture("caffe/yufacedetectnet_v1")
     text = (folder / "yufacedetectnet-open-v1.prototxt").read_text()
     assert "nms_threshold" in text
     prototxt = tmp_path / "eta.prototxt"
     prototxt.write_text(text.replace("nms_threshold:", "eta: 0.9\n    nms_threshold:", 1))
     checkpoint = _convert(prototxt, folder / "yufacedetectnet-open-v1.caffemodel", tmp_path / "eta.pth")
-    code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "eta.onnx")
-    assert code == 1 and "(DetectionOutput)" in err and "eta 0.9" in err and len(err.strip().splitlines()) == 1
-    # Without the DetectionOutput top among the outputs it exports.
-    code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "eta.onnx", "--outputs",
-                              "mbox_loc", "mbox_conf_flatten")
+    code, out, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "eta.onnx", "--dynamic-batch",
+                                "--image", folder / "keliamoniz1.jpg")
     assert code == 0, err
+    assert "batch 2: detection_out" in out
+    assert "Loop" in {n.op_type for n in onnx.load(str(tmp_path / "eta.onnx")).graph.node}
 
 
 # ------------------------------------------------------------------------------------------ DETR family

@@ -29,8 +29,8 @@ What the graph takes and gives, by the kind of checkpoint:
   outputs (blobs no layer consumes: ``detection_out``, ...) followed by the bottoms of its DetectionOutput
   layers (``mbox_loc``, ``mbox_conf_flatten``, ``mbox_priorbox``), or the blobs ``--outputs`` names.  A
   DetectionOutput becomes :func:`~toolkit.models.graph_postprocess.detection_output_graph`; its module
-  docstring says which rows can differ from Caffe's (an IoU within float rounding of the NMS threshold) and
-  what is refused (adaptive NMS, ``eta < 1``).
+  docstring says which rows can differ from Caffe's (an IoU within float rounding of the NMS threshold);
+  adaptive NMS (``eta < 1``) becomes an ONNX ``Loop``.
 
 The check: the exported file is run by onnxruntime on a real image (``--image``, else a rendered ``shapes``
 scene), preprocessed for the model, at batch 1 and, with ``--dynamic-batch``, at batch 2; every output must

@@ -48,6 +48,8 @@ PARAMS = {
     "corner_per_class_bg2": DetectionOutputParams(4, False, 2, 0.5, 15, 1.0, 12, 0.1, CodeType.CORNER),
     "corner_size_vit": DetectionOutputParams(4, True, 0, 0.45, 30, 1.0, 25, 0.05, CodeType.CORNER_SIZE, True),
     "no_background": DetectionOutputParams(4, True, -1, 0.45, 8, 1.0, 5, 0.2, CodeType.CENTER_SIZE),
+    "adaptive_eta": DetectionOutputParams(4, True, 0, 0.7, 30, 0.8, 20, 0.01, CodeType.CENTER_SIZE),
+    "adaptive_per_class": DetectionOutputParams(4, False, 1, 0.9, -1, 0.9, -1, 0.05, CodeType.CORNER),
 }
 
 
@@ -90,21 +92,18 @@ def test_inverted_boxes_neither_suppress_nor_are_suppressed():
 
 def test_refuses_what_has_no_graph_form():
     loc, conf, priors, variances = _case(0)
-    with pytest.raises(GraphPostprocessError, match="eta 0.9"):
-        detection_output_graph(loc, conf, priors, variances,
-                               DetectionOutputParams(4, True, 0, 0.45, 20, 0.9, 10, 0.01, CodeType.CENTER_SIZE))
     with pytest.raises(GraphPostprocessError, match="voting_cluster_diou"):
         detection_output_graph(loc, conf, priors, variances,
                                DetectionOutputParams(4, nms="voting_cluster_diou"))
 
 
-CAFFE_CASES = ["a_center_size_share", "b_corner_perclass_vit", "d_corner_size_nothr", "e_empty", "f_vit_bg2",
-               "g_one_image_empty"]
+CAFFE_CASES = ["a_center_size_share", "b_corner_perclass_vit", "c_perclass_nobg_eta", "d_corner_size_nothr",
+               "e_empty", "f_vit_bg2", "g_one_image_empty"]
 
 
 @pytest.mark.parametrize("case", CAFFE_CASES)
 def test_graph_equals_real_caffe(case):
-    """SSD-Caffe's own DetectionOutput on designed inputs (the eta < 1 case is refused, tested above)."""
+    """SSD-Caffe's own DetectionOutput on designed inputs (adaptive NMS, eta < 1, included)."""
     folder = require_fixture(f"caffe/layer_zoo/detection_output_{case}")
     cfg = json.loads((folder / "meta.json").read_text())["config"]
     params = DetectionOutputParams(
@@ -143,7 +142,7 @@ def _onnx_session(module, example):
     return ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("name", ["caffe_ssd", "corner_per_class_bg2", "no_threshold_no_cuts"])
+@pytest.mark.parametrize("name", ["caffe_ssd", "corner_per_class_bg2", "no_threshold_no_cuts", "adaptive_eta"])
 def test_onnxruntime_equals_the_reference(name):
     """One export, run on other batches: random, tied, empty (onnxruntime's own TopK and NonMaxSuppression)."""
     params = PARAMS[name]

@@ -122,7 +122,7 @@ def jaccard_normalized(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Te
 def _jaccard(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
     # Coordinate planes: a's as (..., A, 1) columns, b's contiguous as (..., 1, B) rows.
     ax0, ay0, ax1, ay1 = (c.unsqueeze(-1) for c in boxes_a.unbind(-1))
-    bx0, by0, bx1, by1 = (c.unsqueeze(-2) for c in boxes_b.movedim(-1, 0).contiguous())
+    bx0, by0, bx1, by1 = (c.unsqueeze(-2) for c in boxes_b.movedim(boxes_b.dim() - 1, 0).contiguous())
     ix0 = torch.maximum(ax0, bx0)
     iy0 = torch.maximum(ay0, by0)
     ix1 = torch.minimum(ax1, bx1)

@@ -18,10 +18,13 @@ equivalent, so a traced export carries Caffe's post-processing in the graph:
 5. the rows ``[image, label, score, xmin, ymin, xmax, ymax]`` in image, label, rank order (a ``NonZero`` over
    the kept mask), or one ``[i, -1, ..., -1]`` row per image when no image has a detection.
 
-What cannot be expressed this way is refused (:class:`GraphPostprocessError`): adaptive NMS (``eta < 1``,
-whose threshold depends on how many boxes were kept before) and LD's voting NMS.  Where the rows can still
-differ from the reference: an IoU within float rounding of ``nms_threshold`` (onnxruntime computes the same
-ratio, but not necessarily with the same rounding).
+Adaptive NMS (``eta < 1``: the threshold shrinks after every kept box, so each decision depends on the ones
+before) replaces step 3 by :func:`adaptive_greedy_keep`, a loop over the sorted candidates of every (image,
+class) at once, on Caffe's IoU (:func:`~toolkit.models.box_coder.jaccard_normalized`), which an export carries
+as an ONNX ``Loop``.  LD's voting NMS has no graph form and is refused (:class:`GraphPostprocessError`).  Where
+the rows can still differ from the reference: an IoU within float rounding of the threshold (onnxruntime
+computes the same ratio, not necessarily with the same rounding; the adaptive threshold is float32, as Caffe's,
+where the reference keeps a double).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import torch
 import torchvision
 
-from toolkit.models.box_coder import decode_boxes
+from toolkit.models.box_coder import decode_boxes, jaccard_normalized
 from toolkit.models.postprocess import DetectionOutputParams
 
 
@@ -93,14 +96,58 @@ def non_max_suppression(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold
     return _NonMaxSuppression.apply(boxes, scores, float(iou_threshold), float(score_threshold))
 
 
+def adaptive_greedy_keep(iou: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float) -> torch.Tensor:
+    """Caffe's ``ApplyNMSFast`` with ``eta < 1`` (adaptive NMS) for a batch of candidate lists at once.
+
+    Candidate ``i`` of row ``n`` is kept when it is valid and its overlap with every earlier kept candidate is
+    ``<= adaptive[n]``; after each kept candidate, while ``adaptive[n] > 0.5``, ``adaptive[n] *= eta`` (in
+    float32, as Caffe's ``float adaptive_threshold``).  A loop over the candidates, every row at once; during an
+    ONNX export the same function scripted, so that the loop becomes an ONNX ``Loop`` (a trace would unroll it).
+
+    Args:
+        iou: ``(N, K, K)`` pairwise overlaps of each row's candidates, in sorted order.
+        valid: bool ``(N, K)``: the candidates that take part.
+    Returns:
+        bool ``(N, K)``: the kept candidates.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return _scripted_keep()(iou, valid, threshold, eta)
+    return _greedy_keep_loop(iou, valid, threshold, eta)
+
+
+def _greedy_keep_loop(iou: torch.Tensor, valid: torch.Tensor, threshold: float, eta: float) -> torch.Tensor:
+    n, k = valid.shape[0], valid.shape[1]
+    kept = torch.zeros([n, k], dtype=torch.bool, device=valid.device)
+    adaptive = torch.full([n], threshold, dtype=torch.float32, device=valid.device)
+    positions = torch.arange(k, device=valid.device)
+    for i in range(k):
+        overlap = iou[:, :, i].float()
+        blocked = ((overlap > adaptive[:, None]) & kept).any(dim=1)
+        keep = valid[:, i] & ~blocked
+        kept = kept | (keep[:, None] & (positions == i)[None, :])
+        adaptive = torch.where(keep & (adaptive > 0.5), adaptive * eta, adaptive)
+    return kept
+
+
+_scripted = []
+
+
+def _scripted_keep():
+    """:func:`_greedy_keep_loop` compiled by TorchScript, once (``torch.jit.script`` warns that it is deprecated;
+    it is still what carries a loop into the TorchScript-based ONNX exporter)."""
+    if not _scripted:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            _scripted.append(torch.jit.script(_greedy_keep_loop))
+    return _scripted[0]
+
+
 def check_graph_params(params: DetectionOutputParams) -> None:
     """Raise :class:`GraphPostprocessError` for parameters :func:`detection_output_graph` cannot follow."""
     if params.nms != "greedy":
         raise GraphPostprocessError(f"NMS {params.nms!r} has no graph form")
-    if params.eta < 1.0:
-        raise GraphPostprocessError(
-            f"adaptive NMS (eta {params.eta:g} < 1) has no graph form: its threshold depends on how many boxes were "
-            "kept before, which ONNX NonMaxSuppression cannot follow")
 
 
 def detection_output_graph(loc: torch.Tensor, conf: torch.Tensor, priors_xyxy: torch.Tensor,
@@ -139,14 +186,19 @@ def detection_output_graph(loc: torch.Tensor, conf: torch.Tensor, priors_xyxy: t
     # The NMS sees a strictly decreasing surrogate of the sorted order (k, k-1, ..., 1; -1: not a candidate).
     surrogate = torch.arange(k, 0, -1, dtype=torch.float32).expand(n, len(classes), k)
     surrogate = torch.where(valid, surrogate, torch.full_like(surrogate, -1.0))
-    positive = (candidates[..., 2] > candidates[..., 0]) & (candidates[..., 3] > candidates[..., 1])
-    nms_boxes = torch.where(positive[..., None], candidates, torch.zeros_like(candidates)).float()
-    selected = non_max_suppression(nms_boxes.reshape(n * len(classes), k, 4),
-                                   surrogate.reshape(n * len(classes), 1, k), params.nms_threshold, 0.0)
-    # Masks are built in float (ScatterElements of bool is not in every runtime).
-    chosen = selected[:, 0] * k + selected[:, 2]
-    kept = torch.zeros(n * len(classes) * k).scatter(0, chosen, torch.ones_like(chosen, dtype=torch.float32))
-    kept = kept.reshape(n, len(classes), k) > 0
+    if params.eta < 1.0:  # adaptive NMS: the threshold depends on what was kept before, a loop
+        iou = jaccard_normalized(candidates, candidates).reshape(n * len(classes), k, k)
+        kept = adaptive_greedy_keep(iou, valid.reshape(n * len(classes), k), float(params.nms_threshold),
+                                    float(params.eta)).reshape(n, len(classes), k)
+    else:
+        positive = (candidates[..., 2] > candidates[..., 0]) & (candidates[..., 3] > candidates[..., 1])
+        nms_boxes = torch.where(positive[..., None], candidates, torch.zeros_like(candidates)).float()
+        selected = non_max_suppression(nms_boxes.reshape(n * len(classes), k, 4),
+                                       surrogate.reshape(n * len(classes), 1, k), params.nms_threshold, 0.0)
+        # Masks are built in float (ScatterElements of bool is not in every runtime).
+        chosen = selected[:, 0] * k + selected[:, 2]
+        kept = torch.zeros(n * len(classes) * k).scatter(0, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        kept = kept.reshape(n, len(classes), k) > 0
     if params.keep_top_k > -1:
         flat = torch.where(kept, values, torch.full_like(values, float("-inf"))).reshape(n, len(classes) * k)
         top_values, top_index = stable_topk(flat, min(params.keep_top_k, len(classes) * k))
