@@ -220,7 +220,7 @@ def test_bad_arguments(tmp_path, capsys, tiny_dsod_checkpoints):
     assert code == 2 and "not found" in err
     code, _, err = run_export(capsys, "--checkpoint", tiny_dsod_checkpoints["teacher"], "-o", tmp_path / "x.onnx",
                               "--outputs", "mbox_loc")
-    assert code == 1 and "--outputs names blobs of a converted Caffe net" in err
+    assert code == 1 and "--outputs applies to a converted Caffe net" in err
     code, _, err = run_export(capsys, "--checkpoint", tiny_dsod_checkpoints["teacher"], "-o", tmp_path / "x.onnx",
                               "--opset", "13")
     assert code == 2 and "--opset 13" in err

@@ -491,23 +491,38 @@ def read_checkpoint(path, model_name: Optional[str] = None) -> tuple[dict, str]:
             converted net that maps onto no preset (the message says which
             ``converters.caffe`` command runs it).
     """
-    from pathlib import Path
+    ckpt = load_checkpoint_file(path)
+    return ckpt, checkpoint_model_name(ckpt, path, model_name)
 
-    from toolkit.models.build import MODELS, presets_for_caffe_layers
-    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
+
+def load_checkpoint_file(path):
+    """``torch.load(path, weights_only=True)`` on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable PyTorch checkpoint.
+    """
+    from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of a file that is not a torch checkpoint
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def checkpoint_model_name(ckpt, path, model_name: Optional[str] = None) -> str:
+    """:func:`read_checkpoint`'s preset of a checkpoint already loaded from ``path`` (named in messages)."""
+    from toolkit.models.build import MODELS, presets_for_caffe_layers
+    from toolkit.models.caffe_import import CONVERTED_BLOBS_KEY
+
     if is_detr_checkpoint(ckpt):
         for key in ("model", "model_name"):
             if key not in ckpt:
                 raise ValueError(f"{path}: a DETR checkpoint without {key!r}")
-        return ckpt, ckpt["model_name"]
+        return ckpt["model_name"]
     if model_name is not None and model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
     if is_converted_checkpoint(ckpt):
@@ -518,10 +533,10 @@ def read_checkpoint(path, model_name: Optional[str] = None) -> tuple[dict, str]:
                 raise ValueError(f"{path}: a converted Caffe net whose layers map onto none of the native models "
                                  f"({', '.join(sorted(MODELS))}); " + CAFFE_DETECT_HINT.format(path=path))
             model_name = presets[0]
-        return ckpt, model_name
+        return model_name
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: not a toolkit.train checkpoint")
     for key in ("model", "model_name", "classes"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a toolkit.train checkpoint (no {key!r})")
-    return ckpt, ckpt["model_name"]
+    return ckpt["model_name"]

@@ -184,8 +184,10 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
         ExportError: options that do not apply to this kind of checkpoint, or parameters with no graph form.
     """
     from toolkit.caffe.net import CHECKPOINT_FORMAT
+    from toolkit.engine import checkpoint_model_name, is_converted_checkpoint, load_checkpoint_file, \
+        model_from_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
+    ckpt = load_checkpoint_file(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and model_name is None:
         if with_postprocess:
             raise ExportError("--with-postprocess: a converted Caffe net exports its own DetectionOutput (its output "
@@ -195,11 +197,10 @@ def spec_for_checkpoint(path: Path, model_name: Optional[str] = None, with_postp
         raise ExportError(f"{'--outputs' if outputs else '--input'} applies to a converted Caffe net; this checkpoint "
                           "is not one (or --model was given)")
     from toolkit.data.voc import VOC_CLASSES
-    from toolkit.engine import is_converted_checkpoint, load_trained_model
 
     if classes is None and is_converted_checkpoint(ckpt) and "classes" not in ckpt:
         classes = ("background", *VOC_CLASSES)  # the converted presets are VOC models (as toolkit.predict)
-    model, classes, name = load_trained_model(path, model_name=model_name, classes=classes)
+    model, classes, name = model_from_checkpoint(ckpt, path, checkpoint_model_name(ckpt, path, model_name), classes)
     return spec_for_model(model, classes, name, with_postprocess, input_size, image, top_k)
 
 
