@@ -13,14 +13,24 @@ and returns per scale the detections (boxes in the image's pixels), the thumbnai
 forward pass (``torch.utils.flop_counter``, multiply-adds count 2, post-processing left out) and the speed-up over
 ``full``.  :func:`filter_detections` applies a score threshold and a class filter afterwards, so the UI redraws
 without rerunning the model.
+
+Each scale also runs in onnxruntime, timed in the same rounds on the same inputs through the same prediction
+path (:func:`onnx_at_scale`: the scale's detector exported by :func:`toolkit.export.export`, once per scale and
+input size).  An ONNX file as the source (:func:`apps.sources.load_onnx`) turns this round: onnxruntime runs the
+file and gives the detections, and the PyTorch side is the same file converted by onnx2torch.  Where one side
+cannot run (an export or a conversion that fails), its cells are n/a and a note says why.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import cv2
@@ -30,9 +40,12 @@ from torch import nn
 
 from toolkit.engine import InferenceSetup, add_ssd_thumbnail, inference_setup, predict_batch, to_image_pixels
 from toolkit.models.thumbnail import Thumbnailer, find_thumbnailer, thumbnail_size
+from toolkit.onnx_backend import OnnxRuntimeDetector
 
 MAX_SIDE = 2048  # larger images are downscaled first (a note says so)
 SCALE_NAMES = {1: "full", 2: "1/2", 4: "1/4"}
+ONNX_SIZES_KEPT = 2  # input sizes whose onnxruntime variants stay loaded (a DETR's size follows the image)
+BICUBIC_AA_OPSET = 18  # ONNX Resize gained ``antialias`` in opset 18
 
 
 @dataclass
@@ -41,8 +54,13 @@ class LoadedModel:
     first) and where it came from (``source``, shown in the UI).
 
     ``setup`` replaces the preset's test-time pipeline (:func:`toolkit.engine.inference_setup`) for a model that
-    is no preset (a converted Caffe net run as it is); ``fixed_input``: it runs at its own input size only (a
-    Caffe net's PriorBox layers are written in its input's pixels, so it has no thumbnail scales).
+    is no preset (a converted Caffe net run as it is, an ONNX file); ``fixed_input``: it runs at its own input
+    size only (a Caffe net's PriorBox layers are written in its input's pixels, an ONNX file's input size was
+    fixed by its export, so neither has thumbnail scales).
+
+    An ONNX file: ``model`` is its :class:`~toolkit.onnx_backend.OnnxRuntimeDetector`; ``imported`` the same
+    file converted by onnx2torch with the same interface (``forward(images) -> {output name: tensor}``), the
+    PyTorch side of the comparison, or None and ``import_error`` says why.
     """
 
     model: nn.Module
@@ -51,8 +69,16 @@ class LoadedModel:
     source: str
     setup: Optional[InferenceSetup] = None
     fixed_input: bool = False
+    imported: Optional[nn.Module] = None
+    import_error: Optional[str] = None
     # (scale, mode) -> the detector at that scale (see at_scale), built once
     variants: dict = field(default_factory=dict, repr=False)
+    # (scale, mode, input (h, w)) -> that variant run by onnxruntime, or why there is none (see onnx_at_scale)
+    onnx_variants: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_onnx(self) -> bool:
+        return isinstance(self.model, OnnxRuntimeDetector)
 
     @property
     def is_detr(self) -> bool:
@@ -78,9 +104,13 @@ class ScaleRun:
         boxes: ``float32 (K, 4)`` xyxy in continuous pixels of the image; ``scores`` ``(K,)``; ``labels`` ``(K,)``
             int64 indices into the classes (background excluded), sorted by descending score.
         thumbnail: ``uint8 (h, w, 3)`` RGB, the down-sampled image the detector saw (None at full size).
-        times_ms: each timed run; ``latency_ms`` their median.
-        gflops: the forward pass (post-processing left out).
-        speedup: the full-size median latency over this one's.
+        times_ms: each timed PyTorch run; ``latency_ms`` their median (NaN when PyTorch did not run:
+            ``pytorch_error`` says why).
+        gflops: the PyTorch forward pass (post-processing left out); NaN without a PyTorch side.
+        speedup: the full-size median latency over this one's, of the side whose detections these are.
+        ort_times_ms: each timed onnxruntime run; ``ort_latency_ms`` their median (NaN when onnxruntime did not
+            run: ``ort_error`` says why).
+        detections_from: ``"pytorch"`` or ``"onnxruntime"`` (an ONNX file's detections are onnxruntime's).
     """
 
     label: str
@@ -94,10 +124,26 @@ class ScaleRun:
     times_ms: list[float]
     gflops: float
     speedup: float = 1.0
+    ort_times_ms: list[float] = field(default_factory=list)
+    pytorch_error: Optional[str] = None
+    ort_error: Optional[str] = None
+    detections_from: str = "pytorch"
     latency_ms: float = field(init=False)
+    ort_latency_ms: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.latency_ms = statistics.median(self.times_ms)
+        self.latency_ms = statistics.median(self.times_ms) if self.times_ms else math.nan
+        self.ort_latency_ms = statistics.median(self.ort_times_ms) if self.ort_times_ms else math.nan
+
+    @property
+    def pytorch_over_ort(self) -> float:
+        """PyTorch's median latency over onnxruntime's (above 1: onnxruntime is faster); NaN if either is."""
+        return self.latency_ms / self.ort_latency_ms
+
+    @property
+    def shown_latency_ms(self) -> float:
+        """The median latency of the side whose detections these are."""
+        return self.ort_latency_ms if self.detections_from == "onnxruntime" else self.latency_ms
 
 
 @dataclass
@@ -171,8 +217,9 @@ def _build_variant(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.M
     if mode == "learned":
         raise ValueError(f"{loaded.source} has no learned {scale}x down-sampler")
     if loaded.fixed_input:
-        raise ValueError(f"{loaded.source} runs at its own input size only (a Caffe net's priors are in its "
-                         "input's pixels)")
+        why = "an ONNX file's input size was fixed by its export" if loaded.is_onnx else \
+            "a Caffe net's priors are in its input's pixels"
+        raise ValueError(f"{loaded.source} runs at its own input size only ({why})")
     if loaded.is_detr:
         variant = copy.deepcopy(loaded.model)
         body = variant.backbone[0]
@@ -185,9 +232,153 @@ def _build_variant(loaded: LoadedModel, scale: int, mode: Optional[str]) -> nn.M
         add_ssd_thumbnail(variant, loaded.model_name, scale, mode)
     weights = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("down_sample.")}
     variant.load_state_dict(weights)
-    return variant.to(next(loaded.model.parameters()).device).eval()
+    return variant.to(model_device(loaded.model)).eval()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are; the CPU for one without parameters (onnxruntime's CPU provider)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------- onnxruntime
+def runtime_detector(path, threads: Optional[int] = None) -> OnnxRuntimeDetector:
+    """The :class:`~toolkit.onnx_backend.OnnxRuntimeDetector` of an ONNX file, set up to be timed beside PyTorch:
+    ``threads`` intra-op threads (default ``torch.get_num_threads()``, PyTorch's own) that do not spin-wait.
+
+    Raises:
+        ValueError: not a file ``python -m toolkit.export`` wrote (the detector's message).
+    """
+    import onnxruntime as ort
+
+    threads = threads or torch.get_num_threads()
+    detector = OnnxRuntimeDetector(path, threads)
+    # The session again, with spinning off: onnxruntime's idle threads spin after each run by default and took
+    # the CPU from the PyTorch run timed right after it (dsod_tiny on the 2-core machine, 2 threads: PyTorch
+    # 96-130 ms without spinning, 210-266 ms with it; onnxruntime itself as fast either way).
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    detector.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return detector
+
+
+class OnnxRuntimeStandIn(nn.Module):
+    """An exported detector run by onnxruntime in the PyTorch detector's place, so that the preset's prediction
+    path (post-processing included) runs on it unchanged.
+
+    ``forward(images float32 (1, 3, H, W)[, mask bool (1, H, W)])`` returns the PyTorch detector's raw outputs by
+    name: ``loc`` / ``conf`` / ``priors`` / ``variances`` (SSD family) or ``pred_logits`` / ``pred_boxes``
+    (DETR).  ``runtime``: the :class:`~toolkit.onnx_backend.OnnxRuntimeDetector`.
+    """
+
+    def __init__(self, runtime: OnnxRuntimeDetector) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        # The graph was traced without a mask (no padding), which a batch of one image has.
+        if mask is not None and bool(mask.any()):
+            raise ValueError("a padded batch: the exported detector takes unpadded images")
+        return self.runtime(images)
+
+
+_bicubic_aa_registered = False
+
+
+def register_antialiased_bicubic() -> None:
+    """Teach the TorchScript ONNX exporter the bicubic thumbnail, ``F.interpolate(mode="bicubic",
+    antialias=True)``, which it refuses at every opset: ONNX ``Resize`` with ``antialias=1`` (opset 18),
+    ``cubic_coeff_a=-0.5`` (PyTorch's bicubic kernel), ``exclude_outside=1`` (PyTorch drops the taps outside the
+    image and renormalizes the rest) and half-pixel coordinates.  onnxruntime computes it within 3e-5 of PyTorch
+    on [0, 1] images (measured from 160x160 to 533x800, scales 2 and 4); the export's check still holds every
+    detector output to 1e-4.  Registered for opset 18 and later only: earlier opsets fail as before.
+    """
+    global _bicubic_aa_registered
+    if _bicubic_aa_registered:
+        return
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx import symbolic_helper as sh
+
+    def antialiased_bicubic(g, x, output_size, align_corners, scales_h=None, scales_w=None):
+        size = sh._maybe_get_const(output_size, "is")
+        if sh._is_value(size):  # (h, w) computed from the input's shape while tracing
+            hw = g.op("Concat", *[g.op("Cast", sh._unsqueeze_helper(g, v, [0]), to_i=7)  # to int64
+                                  for v in sh._unpack_list(size)], axis_i=0)
+        else:
+            hw = g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64))
+        batch_channels = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+                              g.op("Constant", value_t=torch.tensor([2])))
+        sizes = g.op("Concat", batch_channels, hw, axis_i=0)
+        none = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))  # no roi, no scales: sizes
+        return g.op("Resize", x, none, none, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
+                    exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
+
+    register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", antialiased_bicubic, BICUBIC_AA_OPSET)
+    _bicubic_aa_registered = True
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message, short enough for a note (the exporter's carry the whole traced graph)."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def onnx_at_scale(loaded: LoadedModel, scale: int, mode: Optional[str], input_hw: Sequence[int]
+                  ) -> OnnxRuntimeStandIn:
+    """:func:`at_scale`'s detector exported for an ``input_hw`` ``(h, w)`` input (the full-size input; a
+    thumbnail is made in the graph), batch 1, raw outputs, checked by :func:`toolkit.export.export`, and run by
+    onnxruntime (:func:`runtime_detector`).
+
+    Built once per ``(scale, mode, input_hw)`` and kept in ``loaded.onnx_variants``, a failure too (the export
+    would fail again); the variants of the oldest input size go when a third size comes (a DETR's input size
+    follows the image's aspect ratio, and each session holds the model's weights).
+
+    Raises:
+        ValueError: the variant has no export (why: the exporter's first line, or a model that is not exported
+            here).
+    """
+    model = at_scale(loaded, scale, mode)
+    key = (scale, mode, tuple(int(v) for v in input_hw))
+    if key not in loaded.onnx_variants:
+        sizes = list(dict.fromkeys(k[2] for k in loaded.onnx_variants))
+        if key[2] not in sizes and len(sizes) >= ONNX_SIZES_KEPT:
+            for old in [k for k in loaded.onnx_variants if k[2] == sizes[0]]:
+                del loaded.onnx_variants[old]
+        try:
+            loaded.onnx_variants[key] = _export_variant(loaded, model, key[2])
+        except ValueError as exc:
+            loaded.onnx_variants[key] = str(exc)
+    found = loaded.onnx_variants[key]
+    if isinstance(found, str):
+        raise ValueError(found)
+    return found
+
+
+def _export_variant(loaded: LoadedModel, model: nn.Module, input_hw: tuple[int, int]) -> OnnxRuntimeStandIn:
+    from toolkit.export import DEFAULT_OPSET, export, spec_for_model
+
+    if loaded.setup is not None:
+        raise ValueError("a Caffe net run as it is is not exported here (its DetectionOutput runs in Python); "
+                         "export its checkpoint with python -m toolkit.export and load the .onnx file")
+    if model_device(model).type != "cpu":
+        raise ValueError(f"the model is on {model_device(model)}; onnxruntime runs here on the CPU")
+    thumbnailer = find_thumbnailer(model)
+    opset = DEFAULT_OPSET
+    if thumbnailer is not None and thumbnailer.mode == "bicubic":
+        register_antialiased_bicubic()
+        opset = max(opset, BICUBIC_AA_OPSET)
+    with tempfile.TemporaryDirectory(prefix="legacy-det-demo-onnx-") as folder:
+        try:
+            spec = spec_for_model(model, loaded.classes, loaded.model_name, input_size=input_hw)
+            path = export(spec, Path(folder) / "variant.onnx", opset=opset).path
+            runtime = runtime_detector(path)  # the session holds the model: the file can go
+        except Exception as exc:  # ExportError, or a model the exporter does not know: the comparison goes on
+            raise ValueError(f"no ONNX export: {_first_line(exc)}") from None
+    return OnnxRuntimeStandIn(runtime).eval()
+
+
+# ----------------------------------------------------------------------------------- the comparison
 def _label(scale: int, mode: Optional[str]) -> str:
     return "full" if scale == 1 else f"{mode} {SCALE_NAMES[scale]}"
 
@@ -196,18 +387,55 @@ def _forward_inputs(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+@dataclass
+class _Sides:
+    """One scale's two contenders; a side without a model has an error saying why."""
+
+    pytorch: Optional[nn.Module]
+    ort: Optional[nn.Module]
+    pytorch_error: Optional[str] = None
+    ort_error: Optional[str] = None
+    shown: str = "pytorch"  # whose detections are returned
+
+
+def _sides(loaded: LoadedModel, scale: int, mode: Optional[str], input_hw, onnxruntime: bool) -> _Sides:
+    model = at_scale(loaded, scale, mode)  # raises for a scale the model cannot run at
+    if loaded.is_onnx:
+        return _Sides(loaded.imported, model, pytorch_error=None if loaded.imported is not None else
+                      f"onnx2torch cannot convert the file: {loaded.import_error}", shown="onnxruntime")
+    if not onnxruntime:
+        return _Sides(model, None, ort_error="not run (PyTorch only)")
+    try:
+        return _Sides(model, onnx_at_scale(loaded, scale, mode, input_hw))
+    except ValueError as exc:
+        return _Sides(model, None, ort_error=str(exc))
+
+
+def _na_notes(labels: Sequence[str], errors: Sequence[Optional[str]], side: str) -> list[str]:
+    """One note per distinct reason, naming the scales it applies to."""
+    by_reason: dict[str, list[str]] = {}
+    for label, error in zip(labels, errors):
+        if error is not None:
+            by_reason.setdefault(error, []).append(label)
+    return [f"{side} n/a ({', '.join(scales)}): {reason}" for reason, scales in by_reason.items()]
+
+
 def compare_scales(loaded: LoadedModel, image_bgr: np.ndarray, rounds: int = 5, warmup: int = 1,
                    scales: Optional[Sequence[tuple[int, Optional[str]]]] = None,
-                   clock: Callable[[], float] = time.perf_counter) -> Comparison:
-    """Run ``loaded`` on ``image_bgr`` at each of ``scales`` (default :func:`scales_for`).
+                   clock: Callable[[], float] = time.perf_counter, onnxruntime: bool = True) -> Comparison:
+    """Run ``loaded`` on ``image_bgr`` at each of ``scales`` (default :func:`scales_for`), in PyTorch and in
+    onnxruntime.
 
     Args:
         image_bgr: ``uint8 (H, W, 3)`` BGR (checked and, if huge, downscaled by :func:`prepare_image`).
-        rounds: timed runs per scale, interleaved scale by scale so that a change of machine load touches every
-            scale alike; before them ``warmup`` untimed runs (at least one: the run whose detections are returned).
+        rounds: timed runs per scale and side, interleaved (each round: every scale, PyTorch then onnxruntime) so
+            that a change of machine load touches every scale and side alike; before them ``warmup`` untimed runs
+            of each (at least one: the run whose detections are returned).
         clock: seconds (tests pass a fake one).
+        onnxruntime: False: PyTorch alone (no exports); an ONNX file runs in onnxruntime whatever this says.
     Returns:
-        A :class:`Comparison`; every detection, whatever its score (filter with :func:`filter_detections`).
+        A :class:`Comparison`; every detection, whatever its score (filter with :func:`filter_detections`): a
+        model's PyTorch run's, an ONNX file's onnxruntime run's.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -217,50 +445,73 @@ def compare_scales(loaded: LoadedModel, image_bgr: np.ndarray, rounds: int = 5, 
     setup = loaded.setup or inference_setup(loaded.model_name, len(loaded.classes))
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     inputs, _ = setup.collate([setup.transform(image, empty)])
-    device = next(loaded.model.parameters()).device
     pairs = list(scales) if scales is not None else scales_for(loaded)
-    models = [at_scale(loaded, s, m) for s, m in pairs]
     images = _forward_inputs(inputs)[0]
     full_hw = tuple(images.shape[-2:])
+    known = set(loaded.onnx_variants)
+    started = time.perf_counter()
+    sides = [_sides(loaded, s, m, full_hw, onnxruntime) for s, m in pairs]
+    exported = [k for k, v in loaded.onnx_variants.items() if k not in known and not isinstance(v, str)]
+    if exported:  # the first click at a new input size waits for them: say why
+        notes.append(f"{len(exported)} scale(s) exported to ONNX for onnxruntime in "
+                     f"{time.perf_counter() - started:.1f} s (once per scale and input size)")
+    labels = [_label(s, m) for s, m in pairs]
+    notes += _na_notes(labels, [c.pytorch_error for c in sides], "PyTorch")
+    if onnxruntime or loaded.is_onnx:
+        notes += _na_notes(labels, [c.ort_error for c in sides], "onnxruntime")
 
     def run(model):
-        return predict_batch(model, inputs, device, setup.predict_fn, setup.params)[0]
+        return predict_batch(model, inputs, model_device(model), setup.predict_fn, setup.params)[0]
 
-    times: list[list[float]] = [[] for _ in models]
+    def contenders(c: _Sides):
+        return [(name, model) for name, model in (("pytorch", c.pytorch), ("onnxruntime", c.ort))
+                if model is not None]
+
+    times: list[dict[str, list[float]]] = [{"pytorch": [], "onnxruntime": []} for _ in sides]
     detections = []
     with torch.no_grad():
-        for model in models:
-            detections.append(run(model))
-            for _ in range(warmup - 1):
-                run(model)
+        for c in sides:
+            for name, model in contenders(c):
+                det = run(model)
+                if name == c.shown:
+                    detections.append(det)
+                for _ in range(warmup - 1):
+                    run(model)
         for _ in range(rounds):
-            for i, model in enumerate(models):
-                start = clock()
-                run(model)
-                times[i].append((clock() - start) * 1e3)
+            for i, c in enumerate(sides):
+                for name, model in contenders(c):
+                    start = clock()
+                    run(model)
+                    times[i][name].append((clock() - start) * 1e3)
         runs = []
-        for (scale, mode), model, det, t in zip(pairs, models, detections, times):
-            counter = FlopCounterMode(display=False)
-            # With gradients on: the counter's module tracker hooks every module input that requires grad, and a
-            # view of a parameter made under no_grad (DETR's query embeddings) requires grad without a grad_fn.
-            with counter, torch.enable_grad():
-                model(*(x.to(device) for x in _forward_inputs(inputs)))
-            thumb = None
-            thumbnailer = find_thumbnailer(model)
-            if thumbnailer is not None:
-                pixels = thumbnailer(images.to(device))["downsample_input"][0].clamp(0, 1)
-                thumb = (pixels * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        for (scale, mode), label, c, det, t in zip(pairs, labels, sides, detections, times):
+            gflops, thumb = math.nan, None
+            if c.pytorch is not None:
+                model, device = c.pytorch, model_device(c.pytorch)
+                counter = FlopCounterMode(display=False)
+                # With gradients on: the counter's module tracker hooks every module input that requires grad, and
+                # a view of a parameter made under no_grad (DETR's query embeddings) requires grad without a
+                # grad_fn.
+                with counter, torch.enable_grad(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Using a non-tuple sequence", UserWarning)  # onnx2torch's Slice
+                    model(*(x.to(device) for x in _forward_inputs(inputs)))
+                gflops = counter.get_total_flops() / 1e9
+                thumbnailer = find_thumbnailer(model)
+                if thumbnailer is not None:
+                    pixels = thumbnailer(images.to(device))["downsample_input"][0].clamp(0, 1)
+                    thumb = (pixels * 255).round().byte().permute(1, 2, 0).cpu().numpy()
             det = to_image_pixels(det, image.shape[:2])
             order = torch.argsort(det["scores"], descending=True, stable=True)
             runs.append(ScaleRun(
-                label=_label(scale, mode), scale=scale, mode=mode,
+                label=label, scale=scale, mode=mode,
                 input_hw=full_hw if scale == 1 else thumbnail_size(*full_hw, scale),
                 boxes=det["boxes"][order].float().numpy(), scores=det["scores"][order].float().numpy(),
-                labels=det["labels"][order].long().numpy(), thumbnail=thumb, times_ms=t,
-                gflops=counter.get_total_flops() / 1e9))
+                labels=det["labels"][order].long().numpy(), thumbnail=thumb, times_ms=t["pytorch"],
+                gflops=gflops, ort_times_ms=t["onnxruntime"], pytorch_error=c.pytorch_error,
+                ort_error=c.ort_error, detections_from=c.shown))
     full = next((r for r in runs if r.scale == 1), None)
     for r in runs:
-        r.speedup = full.latency_ms / r.latency_ms if full is not None else float("nan")
+        r.speedup = full.shown_latency_ms / r.shown_latency_ms if full is not None else float("nan")
     return Comparison(image, runs, notes)
 
 

@@ -1,29 +1,33 @@
 """The Gradio demo: one detector at several input scales, side by side, in the browser.
 
     python -m apps.demo [--host 127.0.0.1] [--port 7860] [--checkpoint CKPT ...] \\
-        [--caffe NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt] ...] [--detr OFFICIAL.pth ...] \
-        [--labelmap LABELMAP] [--rounds 5]
+        [--caffe NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt] ...] [--detr OFFICIAL.pth ...] \\
+        [--onnx MODEL.onnx ...] [--labelmap LABELMAP] [--rounds 5] [--no-onnxruntime]
 
 Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the
 detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its learned
-thumbnail (:mod:`apps.compare`).  The page shows the detections of each scale side by side, the thumbnails, a
-table of latency, GFLOPs, detections and speed-up, and a chart of latency and detections against scale; the
-score threshold and the class filter redraw without running the model again.  With no model flag the demo
-serves the README's main job (``runs/main/checkpoint.pth``) or says, in the page, how to make it.
+thumbnail (:mod:`apps.compare`), in PyTorch and, exported to ONNX, in onnxruntime.  The page shows the
+detections of each scale side by side, the thumbnails, a table of both latencies, their ratio, GFLOPs, detections
+and speed-up, and a chart of latency and detections against scale; the score threshold and the class filter
+redraw without running the model again.  An ONNX file (``--onnx``, or uploaded) runs in onnxruntime at its
+export size, beside the same file converted to PyTorch by onnx2torch.  With no model flag the demo serves the
+README's main job (``runs/main/checkpoint.pth``) or says, in the page, how to make it.
 
 The same functions answer Gradio's API (``gradio_client``): ``/compare`` (model, image file, webcam image,
 threshold, classes) returns what the page shows plus a JSON summary; ``/redraw`` re-filters the last result;
-``/load_model`` adds a checkpoint file.  See the README for an example call.
+``/load_model`` adds a checkpoint or ONNX file.  See the README for an example call.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import queue
 import sys
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,7 +36,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls f
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from apps.compare import Comparison, LoadedModel, compare_scales, filter_detections  # noqa: E402
+from apps.compare import Comparison, LoadedModel, ScaleRun, compare_scales, filter_detections  # noqa: E402
 from apps.sources import load_source  # noqa: E402
 from toolkit.data.errors import ImageReadError  # noqa: E402
 from toolkit.data.voc import read_image_bgr  # noqa: E402
@@ -41,9 +45,10 @@ from toolkit.visualize import draw_detections  # noqa: E402
 MAIN_JOB = Path("runs/main/checkpoint.pth")
 MAIN_JOB_HINT = ("No model to serve yet. Train the README's main job first (`make run`, or "
                  "`python -m toolkit.train --dataset shapes --model dsod_tiny --amp --cache-images --workers 0 "
-                 "--out runs/main`), or start the demo with `--checkpoint`, `--caffe` or `--detr`.")
-TABLE_HEADERS = ["scale", "input (h x w)", "latency ms (median)", "latency range ms", "GFLOPs", "detections",
-                 "speed-up"]
+                 "--out runs/main`), or start the demo with `--checkpoint`, `--caffe`, `--detr` or `--onnx`.")
+TABLE_HEADERS = ["scale", "input (h x w)", "PyTorch ms (median)", "PyTorch range ms", "onnxruntime ms (median)",
+                 "onnxruntime range ms", "PyTorch / onnxruntime", "GFLOPs", "detections", "speed-up"]
+NA = "n/a"  # a cell of a side that did not run (a note says why)
 
 
 class MainThreadRunner:
@@ -135,7 +140,7 @@ def render(comparison: Comparison, loaded: LoadedModel, threshold: float, keep_c
     """``(gallery items, thumbnail items, table rows, figure, JSON summary)`` of a comparison at a threshold and
     class filter."""
     classes = loaded.classes
-    gallery, thumbs, rows, summary = [], [], [], []
+    gallery, thumbs, rows, summary, counts = [], [], [], [], []
     for run in comparison.runs:
         kept = filter_detections(run, threshold, classes, keep_classes)
         drawn = draw_detections(comparison.image_bgr, kept["boxes"], kept["scores"], kept["labels"], classes)
@@ -143,34 +148,60 @@ def render(comparison: Comparison, loaded: LoadedModel, threshold: float, keep_c
         if run.thumbnail is not None:
             h, w = run.thumbnail.shape[:2]
             thumbs.append((run.thumbnail, f"{run.label} thumbnail, {w}x{h}"))
-        rows.append([run.label, f"{run.input_hw[0]} x {run.input_hw[1]}", round(run.latency_ms, 2),
-                     f"{min(run.times_ms):.2f}-{max(run.times_ms):.2f}", round(run.gflops, 4),
-                     int(len(kept["scores"])), round(run.speedup, 2)])
-        summary.append({"scale": run.label, "input_hw": list(run.input_hw), "latency_ms": run.latency_ms,
-                        "times_ms": run.times_ms, "gflops": run.gflops, "speedup": run.speedup,
+        counts.append(int(len(kept["scores"])))
+        rows.append([run.label, f"{run.input_hw[0]} x {run.input_hw[1]}", _cell(run.latency_ms, 2),
+                     _span(run.times_ms), _cell(run.ort_latency_ms, 2), _span(run.ort_times_ms),
+                     _cell(run.pytorch_over_ort, 2), _cell(run.gflops, 4), counts[-1], _cell(run.speedup, 2)])
+        summary.append({"scale": run.label, "input_hw": list(run.input_hw), "latency_ms": _number(run.latency_ms),
+                        "times_ms": run.times_ms, "onnxruntime_latency_ms": _number(run.ort_latency_ms),
+                        "onnxruntime_times_ms": run.ort_times_ms,
+                        "pytorch_over_onnxruntime": _number(run.pytorch_over_ort), "gflops": _number(run.gflops),
+                        "speedup": _number(run.speedup), "detections_from": run.detections_from,
+                        **({"pytorch_error": run.pytorch_error} if run.pytorch_error else {}),
+                        **({"onnxruntime_error": run.ort_error} if run.ort_error else {}),
                         "detections": [{"box_xyxy": [round(float(v), 2) for v in box], "score": float(score),
                                         "class": classes[int(label)]}
                                        for box, score, label in zip(kept["boxes"], kept["scores"], kept["labels"])]})
-    return gallery, thumbs, rows, chart(rows), {"model": loaded.source, "threshold": threshold, "scales": summary}
+    return (gallery, thumbs, rows, chart(comparison.runs, counts),
+            {"model": loaded.source, "threshold": threshold, "scales": summary})
 
 
-def chart(rows: list[list]):
-    """Latency (bars, median with the range) and detections (line) against scale.  A bare ``Figure`` (no
-    pyplot, whose global state Gradio's threads would share)."""
+def _number(value: float) -> Optional[float]:
+    """JSON has no NaN: None for a figure of a side that did not run."""
+    return value if math.isfinite(value) else None
+
+
+def _cell(value: float, digits: int):
+    return round(value, digits) if math.isfinite(value) else NA
+
+
+def _span(times_ms: Sequence[float]) -> str:
+    return f"{min(times_ms):.2f}-{max(times_ms):.2f}" if times_ms else NA
+
+
+def chart(runs: Sequence[ScaleRun], counts: Sequence[int]):
+    """Latency (bars, PyTorch's and onnxruntime's median with the range) and detections (``counts``, line)
+    against scale.  A bare ``Figure`` (no pyplot, whose global state Gradio's threads would share)."""
     from matplotlib.figure import Figure
 
-    labels = [r[0] for r in rows]
-    medians = [r[2] for r in rows]
-    lows, highs = zip(*(map(float, r[3].split("-")) for r in rows)) if rows else ((), ())
     fig = Figure(figsize=(6, 3.2))
     ax = fig.subplots()
-    x = np.arange(len(rows))
-    ax.bar(x, medians, color="tab:blue", alpha=0.8, label="latency (median, ms)",
-           yerr=[np.subtract(medians, lows), np.subtract(highs, medians)], capsize=3)
-    ax.set_xticks(x, labels)
+    x = np.arange(len(runs))
+    width = 0.38
+    for offset, name, color, medians, times in (
+            (-width / 2, "PyTorch", "tab:blue", [r.latency_ms for r in runs], [r.times_ms for r in runs]),
+            (width / 2, "onnxruntime", "tab:green", [r.ort_latency_ms for r in runs], [r.ort_times_ms for r in runs])):
+        ran = [i for i, t in enumerate(times) if t]  # a side that did not run gets no bar
+        if not ran:
+            continue
+        m = np.array([medians[i] for i in ran])
+        err = [m - [min(times[i]) for i in ran], [max(times[i]) for i in ran] - m]
+        ax.bar(x[ran] + offset, m, width, color=color, alpha=0.8, label=f"{name} (median, ms)", yerr=err,
+               capsize=3)
+    ax.set_xticks(x, [r.label for r in runs])
     ax.set_ylabel("latency (ms)")
     ax2 = ax.twinx()
-    ax2.plot(x, [r[5] for r in rows], "o-", color="tab:red", label="detections")
+    ax2.plot(x, list(counts), "o-", color="tab:red", label="detections")
     ax2.set_ylabel("detections")
     ax2.set_ylim(bottom=0)
     fig.legend(loc="upper right", fontsize=8)
@@ -180,8 +211,9 @@ def chart(rows: list[list]):
 
 # --------------------------------------------------------------------------------------- the app
 def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] = (),
-              runner: Optional[MainThreadRunner] = None):
-    """The Gradio app.  ``runner``: where the models run (:class:`MainThreadRunner`); None: on Gradio's threads."""
+              runner: Optional[MainThreadRunner] = None, onnxruntime: bool = True):
+    """The Gradio app.  ``runner``: where the models run (:class:`MainThreadRunner`); None: on Gradio's threads.
+    ``onnxruntime``: False: PyTorch latencies only (no exports; an ONNX file still runs in onnxruntime)."""
     import gradio as gr
 
     def on_torch_thread(fn, *args):
@@ -215,7 +247,8 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
         try:
             image = read_input(image_file, webcam)
             with registry.lock:
-                comparison = on_torch_thread(compare_scales, loaded, image, rounds)
+                comparison = on_torch_thread(partial(compare_scales, rounds=rounds, onnxruntime=onnxruntime),
+                                             loaded, image)
             outputs = render(comparison, loaded, threshold, keep_classes)
         except Exception as exc:  # the page shows the message, never a traceback
             return (None, *empty, status([error_text(exc)], True))
@@ -235,26 +268,33 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
     def load_model(model_file):
         if not model_file:
             return gr.update(), status(["choose a model file"], True)
+        kind = "onnx" if Path(model_file).suffix.lower() == ".onnx" else "checkpoint"
         try:
-            name = on_torch_thread(registry.add, "checkpoint", model_file)
+            name = on_torch_thread(registry.add, kind, model_file)
         except Exception as exc:
             return gr.update(), status([f"{Path(model_file).name}: {error_text(exc)}"], True)
-        return gr.update(choices=list(registry.models), value=name), status([f"loaded {name}"])
+        messages = [f"loaded {name}"]
+        if registry.models[name].import_error:
+            messages.append(f"PyTorch n/a (onnx2torch cannot convert it): {registry.models[name].import_error}")
+        return gr.update(choices=list(registry.models), value=name), status(messages)
 
     names = list(registry.models)
     with gr.Blocks(title="legacy-det: detections across input scales") as app:
         gr.Markdown("# legacy-det: one detector at several input scales\n"
                     "Full size, bicubic thumbnails (1/2, 1/4) and, for a ThumbDet student, its learned thumbnail: "
-                    "detections, latency (median of several runs after a warm-up, batch 1, preprocessed image in, "
-                    "detections out), GFLOPs of the forward pass and the speed-up over full size.")
+                    "detections, latency in PyTorch and in onnxruntime (each scale exported to ONNX; median of "
+                    "several interleaved runs after a warm-up, batch 1, preprocessed image in, detections out), "
+                    "GFLOPs of the forward pass and the speed-up over full size.  An ONNX file runs in onnxruntime "
+                    "at its export size; its PyTorch latency and GFLOPs are those of the file converted by "
+                    "onnx2torch.")
         startup = [MAIN_JOB_HINT] if not registry.models else []
         page_status = gr.Markdown(status(startup + registry.errors, bool(startup or registry.errors)),
                                   elem_id="status")
         with gr.Row():
             model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="model",
                                 scale=3)
-            model_file = gr.File(label="Load another checkpoint (.pth)", type="filepath", elem_id="model_file",
-                                 scale=2)
+            model_file = gr.File(label="Load another model (checkpoint .pth or ONNX .onnx)", type="filepath",
+                                 elem_id="model_file", scale=2)
         with gr.Row():
             with gr.Column():
                 image_file = gr.File(label="Image file", type="filepath", elem_id="image_file")
@@ -301,15 +341,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "and labelmap (repeatable)")
     p.add_argument("--detr", action="append", default=[], metavar="OFFICIAL.pth",
                    help="an official Deformable DETR, Sparse DETR or ThumbDet checkpoint (repeatable)")
-    p.add_argument("--labelmap", help="Caffe labelmap: class names for converted Caffe models")
+    p.add_argument("--onnx", action="append", default=[], metavar="MODEL.onnx",
+                   help="a file python -m toolkit.export wrote, run in onnxruntime at its export size beside its "
+                        "onnx2torch conversion (repeatable)")
+    p.add_argument("--labelmap", help="Caffe labelmap: class names for converted Caffe models (and ONNX files that "
+                                      "name none)")
     p.add_argument("--rounds", type=int, default=5, help="timed runs per scale (default 5)")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="time PyTorch only: no ONNX export of each scale (an --onnx file still runs in onnxruntime)")
     return p
 
 
 def make_registry(args) -> ModelRegistry:
     registry = ModelRegistry()
     sources = ([("checkpoint", c) for c in args.checkpoint] + [("caffe", c) for c in args.caffe]
-               + [("detr", c) for c in args.detr])
+               + [("detr", c) for c in args.detr] + [("onnx", c) for c in args.onnx])
     if not sources and MAIN_JOB.is_file():
         sources = [("checkpoint", str(MAIN_JOB))]
     for kind, spec in sources:
@@ -326,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for message in registry.errors:
         print(f"error: {message}", file=sys.stderr)
     runner = MainThreadRunner()
-    app = build_app(registry, args.rounds, sample_images(), runner)
+    app = build_app(registry, args.rounds, sample_images(), runner, args.onnxruntime)
     app.launch(server_name=args.host, server_port=args.port, show_error=False, prevent_thread_lock=True)
     print(f"serving {len(registry.models)} model(s) on http://{args.host}:{args.port} (Ctrl+C stops)")
     stop = threading.Event()

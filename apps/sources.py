@@ -9,7 +9,10 @@
   ``python -m converters.caffe convert --train-prototxt`` would (the train prototxt's data layer gives the
   preprocessing and its labelmap the class names);
 - ``detr``: an official Deformable DETR, Sparse DETR or ThumbDet checkpoint, converted in memory as
-  ``python -m converters.detr convert`` would.
+  ``python -m converters.detr convert`` would;
+- ``onnx``: a file ``python -m toolkit.export`` wrote (its metadata says the family, classes, preprocessing and
+  post-processing), run by onnxruntime at its export size; its PyTorch side is the same file converted by
+  onnx2torch (``python -m converters.onnx import``'s conversion and check), or none when that fails.
 
 Each loader raises the loader's own error (the file, layer or key at fault); :func:`load_source` passes it on
 for the UI to show.
@@ -18,20 +21,22 @@ for the UI to show.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
-from apps.compare import LoadedModel
-from toolkit.data.labelmap import read_labelmap
-from toolkit.data.voc import VOC_CLASSES
 import numpy as np
 import torch
 from torch import nn
 
+from apps.compare import LoadedModel, runtime_detector
+from toolkit.data.labelmap import read_labelmap
+from toolkit.data.voc import VOC_CLASSES
+
 from toolkit.engine import (InferenceSetup, detr_default_classes, is_converted_checkpoint, model_from_checkpoint,
                             read_checkpoint)
 
-SOURCE_KINDS = ("checkpoint", "caffe", "detr")
+SOURCE_KINDS = ("checkpoint", "caffe", "detr", "onnx")
 
 
 def _classes_from(labelmap: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -132,6 +137,58 @@ def load_official_detr(path: str) -> LoadedModel:
     return LoadedModel(model, f"{cfg.family}_detr", detr_default_classes(cfg.num_classes), str(path))
 
 
+class ImportedOnnx(nn.Module):
+    """An ONNX file converted by onnx2torch (``module``, a ``torch.fx.GraphModule`` returning its outputs in the
+    graph's order) with the interface of the file's :class:`~toolkit.onnx_backend.OnnxRuntimeDetector`:
+    ``forward(images float32 (B, 3, H, W)) -> {output name: tensor}`` and ``detections_output``, so the
+    prediction functions of :func:`toolkit.onnx_backend.onnx_inference_setup` run on either."""
+
+    def __init__(self, module: nn.Module, runtime) -> None:
+        super().__init__()
+        self.module = module
+        self.output_names = list(runtime.output_names)
+        self.detections_output = runtime.detections_output
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            # onnx2torch's Slice indexes with a list, which this torch warns about (the import checked the result).
+            warnings.filterwarnings("ignore", "Using a non-tuple sequence", UserWarning)
+            out = self.module(images)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        return dict(zip(self.output_names, out))
+
+
+def load_onnx(path: str, labelmap: Optional[str] = None) -> LoadedModel:
+    """A file ``python -m toolkit.export`` wrote, run by onnxruntime at its export size (``fixed_input``) with its
+    family's test pipeline (:func:`toolkit.onnx_backend.onnx_inference_setup`); ``labelmap``'s class names replace
+    the file's.  Its PyTorch side: the file converted by onnx2torch and checked against onnxruntime
+    (:func:`converters.onnx.import_onnx`); when that fails the model still loads, ``import_error`` says why.
+
+    Raises:
+        ValueError: not such a file, or one that names no classes and no ``labelmap``.
+    """
+    from converters.onnx import OnnxImportError, import_onnx
+    from toolkit.onnx_backend import onnx_inference_setup
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    runtime = runtime_detector(path)
+    classes = _classes_from(labelmap) or runtime.classes
+    if classes is None:
+        raise ValueError(f"{path}: the file names no classes; give a --labelmap")
+    runtime.classes = tuple(classes)
+    setup = onnx_inference_setup(runtime)
+    imported, error = None, None
+    try:
+        imported = ImportedOnnx(import_onnx(Path(path)).module, runtime).eval()
+    except OnnxImportError as exc:  # names the unsupported node types, or the output onnx2torch gets wrong
+        error = str(exc)
+    except Exception as exc:  # onnx2torch failing otherwise: onnxruntime still runs the file
+        error = f"{type(exc).__name__}: {exc}"
+    return LoadedModel(runtime.eval(), runtime.model_name, tuple(classes), str(path), setup=setup,
+                       fixed_input=True, imported=imported, import_error=error)
+
+
 def load_source(kind: str, spec: str, labelmap: Optional[str] = None) -> LoadedModel:
     """One model of ``kind`` (see :data:`SOURCE_KINDS`)."""
     if kind == "checkpoint":
@@ -140,4 +197,6 @@ def load_source(kind: str, spec: str, labelmap: Optional[str] = None) -> LoadedM
         return load_caffe(spec, labelmap)
     if kind == "detr":
         return load_official_detr(spec)
+    if kind == "onnx":
+        return load_onnx(spec, labelmap)
     raise ValueError(f"unknown model source {kind!r}; choose from {SOURCE_KINDS}")

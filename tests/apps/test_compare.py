@@ -104,26 +104,59 @@ def test_detr_scales(train_tiny, mini_shapes_root, mini_shapes_image, tmp_path):
     assert runs["bicubic 1/4"].thumbnail.shape[:2] == runs["bicubic 1/4"].input_hw
     assert runs["full"].gflops > runs["bicubic 1/4"].gflops > 0
     assert loaded.thumbnail is None  # the variants were copies
+    # A DETR takes any input size; each scale's export is for this image's.
+    assert all(r.ort_error is None and r.ort_latency_ms > 0 for r in result.runs)
+    assert set(loaded.onnx_variants) == {(1, None, full_hw), (2, "bicubic", full_hw), (4, "bicubic", full_hw)}
+
+
+def test_the_onnxruntime_variants_of_two_input_sizes_are_kept(tiny_dsod_checkpoints, monkeypatch):
+    import apps.compare
+    from apps.compare import ONNX_SIZES_KEPT, onnx_at_scale
+
+    made = []
+
+    def fake_export(loaded, model, input_hw):
+        made.append(input_hw)
+        if input_hw == (9, 9):
+            raise ValueError("no ONNX export: refused")
+        return object()
+
+    monkeypatch.setattr(apps.compare, "_export_variant", fake_export)
+    loaded = _loaded(tiny_dsod_checkpoints["teacher"])
+    first = onnx_at_scale(loaded, 1, None, (100, 120))
+    assert onnx_at_scale(loaded, 1, None, (100, 120)) is first and made == [(100, 120)]
+    with pytest.raises(ValueError, match="refused"):
+        onnx_at_scale(loaded, 1, None, (9, 9))
+    with pytest.raises(ValueError, match="refused"):  # kept: not exported again
+        onnx_at_scale(loaded, 1, None, (9, 9))
+    assert made == [(100, 120), (9, 9)] and ONNX_SIZES_KEPT == 2
+    onnx_at_scale(loaded, 2, "bicubic", (7, 7))  # a third size: the oldest goes
+    assert {k[2] for k in loaded.onnx_variants} == {(9, 9), (7, 7)}
+    assert onnx_at_scale(loaded, 1, None, (100, 120)) is not first and made[-1] == (100, 120)
 
 
 def test_speedups_are_ratios_of_median_latencies(tiny_dsod_checkpoints, mini_shapes_image):
-    """A fake clock: each call of round r, scale i lasts durations[i] + r ms, so the medians and the ratios are
-    known exactly."""
-    durations = [40.0, 20.0, 10.0]
+    """A fake clock: in round r, scale i's PyTorch run lasts durations[i] + r ms and its onnxruntime run, timed
+    right after it, ort_durations[i] + r ms, so the medians and the ratios are known exactly."""
+    durations, ort_durations = [40.0, 20.0, 10.0], [16.0, 8.0, 5.0]
     ticks = count()
 
     def clock():
         k = next(ticks)  # two calls per timed run: start, end
         run, end = divmod(k, 2)
-        r, i = divmod(run, len(durations))
-        return (run * 1000.0 + (durations[i] + r) * end) / 1e3
+        r, rest = divmod(run, 2 * len(durations))
+        i, side = divmod(rest, 2)  # each scale: PyTorch, then onnxruntime
+        return (run * 1000.0 + ((ort_durations if side else durations)[i] + r) * end) / 1e3
 
     loaded = _loaded(tiny_dsod_checkpoints["teacher"])
     result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=3, clock=clock)
-    for run, d in zip(result.runs, durations):
+    for run, d, o in zip(result.runs, durations, ort_durations):
         assert run.times_ms == pytest.approx([d, d + 1, d + 2])
         assert run.latency_ms == pytest.approx(d + 1)
-        assert run.speedup == pytest.approx(41.0 / (d + 1))
+        assert run.ort_times_ms == pytest.approx([o, o + 1, o + 2])
+        assert run.ort_latency_ms == pytest.approx(o + 1)
+        assert run.pytorch_over_ort == pytest.approx((d + 1) / (o + 1))
+        assert run.speedup == pytest.approx(41.0 / (d + 1))  # PyTorch's: the detections shown are PyTorch's
 
 
 def test_filters_equal_a_naive_loop(tiny_dsod_checkpoints, mini_shapes_image):
@@ -152,3 +185,141 @@ def test_prepare_image():
     for bad in (np.zeros((5, 6, 3), np.float32), np.zeros((5, 6, 2), np.uint8), np.zeros((0, 6, 3), np.uint8)):
         with pytest.raises(ValueError):
             prepare_image(bad)
+
+
+# ------------------------------------------------------------------------------------------- onnxruntime
+def _export(checkpoint, out, *flags):
+    """``python -m toolkit.export`` of a checkpoint (which checks the file with onnxruntime before writing it)."""
+    from toolkit.export import main as export_main
+
+    assert export_main(["--checkpoint", str(checkpoint), "-o", str(out), *flags]) == 0
+    return out
+
+
+def _with_an_op_onnx2torch_lacks(source, out):
+    """A copy of an exported file whose ``loc`` output goes through ``Shrink(lambd=0, bias=0)``: the identity, in a
+    node type onnxruntime runs and onnx2torch has no converter for."""
+    import onnx
+
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        node.input[:] = ["loc_raw" if name == "loc" else name for name in node.input]
+        node.output[:] = ["loc_raw" if name == "loc" else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Shrink", ["loc_raw"], ["loc"], lambd=0.0, bias=0.0))
+    onnx.save(model, str(out))
+    return out
+
+
+def _normalized(run, image_hw):
+    h, w = image_hw
+    return run.boxes / np.array([w, h, w, h], np.float32)
+
+
+def _assert_close(got, expected, image_hw, atol=1e-4):
+    """The same detections within ``atol`` (scores, boxes normalized to the image), in the same order."""
+    assert len(got.scores) == len(expected.scores) > 0
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_allclose(got.scores, expected.scores, atol=atol, rtol=0)
+    np.testing.assert_allclose(_normalized(got, image_hw), _normalized(expected, image_hw), atol=atol, rtol=0)
+
+
+def test_every_scale_runs_in_onnxruntime_too(tiny_dsod_checkpoints, mini_shapes_image):
+    from apps.compare import model_device, onnx_at_scale
+    from toolkit.engine import inference_setup, predict_batch
+
+    loaded = _loaded(tiny_dsod_checkpoints["student"])
+    image = read_image_bgr(mini_shapes_image)
+    result = compare_scales(loaded, image, rounds=2)
+    assert [r.label for r in result.runs] == ["full", "bicubic 1/2", "bicubic 1/4", "learned 1/2"]
+    for run in result.runs:
+        assert run.ort_error is None and run.detections_from == "pytorch"
+        assert len(run.ort_times_ms) == 2 and run.ort_latency_ms > 0
+        assert run.pytorch_over_ort == pytest.approx(run.latency_ms / run.ort_latency_ms)
+    assert result.notes[0].startswith("4 scale(s) exported to ONNX") and len(result.notes) == 1
+    # One export per scale and input size, kept for the next image.
+    assert set(loaded.onnx_variants) == {(1, None, (160, 160)), (2, "bicubic", (160, 160)),
+                                         (4, "bicubic", (160, 160)), (2, "learned", (160, 160))}
+    kept = dict(loaded.onnx_variants)
+    again = compare_scales(loaded, image, rounds=1)
+    assert not again.notes and all(loaded.onnx_variants[k] is v for k, v in kept.items())
+    # onnxruntime through PyTorch's prediction path finds what PyTorch finds at every scale (the bicubic
+    # thumbnails as ONNX Resize with antialiasing).
+    setup = inference_setup(loaded.model_name, len(loaded.classes))
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    inputs, _ = setup.collate([setup.transform(image, empty)])
+    with torch.no_grad():
+        for scale, mode in scales_for(loaded):
+            ours = at_scale(loaded, scale, mode)
+            ort = onnx_at_scale(loaded, scale, mode, (160, 160))
+            ref = predict_batch(ours, inputs, model_device(ours), None, setup.params)[0]
+            got = predict_batch(ort, inputs, model_device(ort), None, setup.params)[0]
+            keep = ref["scores"] >= 0.05
+            assert keep.sum() > 0
+            np.testing.assert_allclose(got["scores"][keep].numpy(), ref["scores"][keep].numpy(), atol=1e-4)
+            np.testing.assert_allclose(got["boxes"][keep].numpy(), ref["boxes"][keep].numpy(), atol=1e-4)
+            np.testing.assert_array_equal(got["labels"][keep].numpy(), ref["labels"][keep].numpy())
+
+
+def test_an_onnx_file_finds_what_its_checkpoint_finds(tiny_dsod_checkpoints, mini_shapes_image, tmp_path):
+    from apps.sources import load_source
+
+    checkpoint = tiny_dsod_checkpoints["teacher"]
+    image = read_image_bgr(mini_shapes_image)
+    pytorch = compare_scales(_loaded(checkpoint), image, rounds=1, onnxruntime=False).runs[0]
+    for flags in ([], ["--with-postprocess"]):
+        loaded = load_source("onnx", str(_export(checkpoint, tmp_path / f"teacher{len(flags)}.onnx", *flags)))
+        assert loaded.is_onnx and loaded.fixed_input and loaded.import_error is None
+        assert loaded.classes == ("background", *SHAPES_CLASSES) and scales_for(loaded) == [(1, None)]
+        result = compare_scales(loaded, image, rounds=2)
+        assert not result.notes
+        run, = result.runs
+        assert run.label == "full" and run.input_hw == (160, 160) and run.thumbnail is None
+        assert run.detections_from == "onnxruntime" and run.pytorch_error is None and run.ort_error is None
+        # onnxruntime's detections (the shown ones) are the checkpoint's in PyTorch.
+        _assert_close(run, pytorch, image.shape[:2])
+        # Both sides timed; the PyTorch side (onnx2torch) counts the checkpoint's convolutions.
+        assert len(run.times_ms) == len(run.ort_times_ms) == 2 and run.latency_ms > 0 and run.ort_latency_ms > 0
+        assert run.gflops == pytest.approx(pytorch.gflops, rel=1e-6)
+        assert run.speedup == 1.0
+    with pytest.raises(ValueError, match="input size was fixed by its export"):
+        compare_scales(loaded, image, rounds=1, scales=[(2, "bicubic")])
+
+
+def test_an_onnx_file_onnx2torch_cannot_convert_still_runs(tiny_dsod_checkpoints, mini_shapes_image, tmp_path):
+    from apps.sources import load_source
+
+    checkpoint = tiny_dsod_checkpoints["teacher"]
+    image = read_image_bgr(mini_shapes_image)
+    path = _with_an_op_onnx2torch_lacks(_export(checkpoint, tmp_path / "teacher.onnx"), tmp_path / "shrink.onnx")
+    loaded = load_source("onnx", str(path))
+    assert loaded.imported is None and "Shrink" in loaded.import_error
+    result = compare_scales(loaded, image, rounds=2)
+    run, = result.runs
+    assert run.times_ms == [] and np.isnan(run.latency_ms) and np.isnan(run.gflops) and np.isnan(run.pytorch_over_ort)
+    assert len(run.ort_times_ms) == 2 and run.ort_latency_ms > 0 and run.speedup == 1.0
+    assert "Shrink" in run.pytorch_error
+    assert len(result.notes) == 1 and result.notes[0].startswith("PyTorch n/a (full): onnx2torch cannot convert")
+    pytorch = compare_scales(_loaded(checkpoint), image, rounds=1, onnxruntime=False).runs[0]
+    _assert_close(run, pytorch, image.shape[:2])
+
+
+def test_an_export_that_fails_leaves_its_cells_empty(tiny_dsod_checkpoints, mini_shapes_image, monkeypatch):
+    """A scale whose export fails (here: the exporter refuses the model) runs in PyTorch alone; the note says
+    why, once for every scale it applies to; the failure is kept, not retried."""
+    import toolkit.export
+    from toolkit.export import ExportError
+
+    calls = []
+
+    def refuse(spec, out, **kwargs):
+        calls.append(out)
+        raise ExportError("the ONNX export failed: UnsupportedOperatorError: no such op\nTorch IR graph at exception")
+
+    monkeypatch.setattr(toolkit.export, "export", refuse)
+    loaded = _loaded(tiny_dsod_checkpoints["teacher"])
+    for expected_calls in (3, 3):
+        result = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1)
+        assert len(calls) == expected_calls
+        assert all(r.ort_times_ms == [] and np.isnan(r.ort_latency_ms) and len(r.times_ms) == 1 for r in result.runs)
+        assert result.notes == ["onnxruntime n/a (full, bicubic 1/2, bicubic 1/4): no ONNX export: the ONNX export "
+                                "failed: UnsupportedOperatorError: no such op"]

@@ -94,8 +94,9 @@ def test_the_page_runs_compares_redraws_and_reports_errors(served, mini_shapes_i
         assert _captions(page, "detections") == expected
         table = page.inner_text("#table")
         for label, n in expected.items():
-            assert re.search(rf"{re.escape(label)}\s+\S+ x \S+\s+[\d.]+\s+[\d.]+-[\d.]+\s+[\d.]+\s+{n}\b", table), \
-                (label, n, table)
+            # scale, input, PyTorch ms and range, onnxruntime ms and range, their ratio, GFLOPs, detections
+            assert re.search(rf"{re.escape(label)}\s+\S+ x \S+\s+[\d.]+\s+[\d.]+-[\d.]+\s+[\d.]+\s+[\d.]+-[\d.]+"
+                             rf"\s+[\d.]+\s+[\d.]+\s+{n}\b", table), (label, n, table)
         thumbs = page.inner_text("#thumbnails")
         assert "bicubic 1/2 thumbnail, 78x78" in thumbs and "learned 1/2 thumbnail, 78x78" in thumbs
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
@@ -155,6 +156,9 @@ def test_the_same_through_gradio_client(served, mini_shapes_image):
     got = {s["scale"]: len(s["detections"]) for s in summary["scales"]}
     assert got == _counts(registry, mini_shapes_image, 0.1)
     assert all(s["latency_ms"] > 0 and s["gflops"] > 0 for s in summary["scales"])
+    assert all(s["onnxruntime_latency_ms"] > 0 and len(s["onnxruntime_times_ms"]) == 2
+               and s["pytorch_over_onnxruntime"] == pytest.approx(s["latency_ms"] / s["onnxruntime_latency_ms"])
+               for s in summary["scales"])
     # The class filter through the API: one class only.
     *_, summary, _ = client.predict(name, image, None, 0.1, classes[:1], api_name="/compare")
     assert all(d["class"] == classes[0] for s in summary["scales"] for d in s["detections"])
@@ -191,3 +195,67 @@ def test_the_main_thread_runner_runs_calls_there_and_hands_errors_back():
     thread.join()
     assert seen["thread"] is True and seen["sum"] == 5 and isinstance(seen["error"], ZeroDivisionError)
     assert runner.call(lambda: 7) == 7  # on the main thread itself: directly
+
+
+# ------------------------------------------------------------------------------------------- ONNX files
+def _export(checkpoint, out):
+    from toolkit.export import main as export_main
+
+    assert export_main(["--checkpoint", str(checkpoint), "-o", str(out), "--with-postprocess"]) == 0
+    return out
+
+
+def test_onnx_files_from_the_command_line(tiny_dsod_checkpoints, tmp_path):
+    path = _export(tiny_dsod_checkpoints["teacher"], tmp_path / "teacher.onnx")
+    missing = tmp_path / "missing.onnx"
+    args = demo.get_args_parser().parse_args(["--onnx", str(path), "--onnx", str(missing), "--no-onnxruntime"])
+    assert args.onnx == [str(path), str(missing)] and args.onnxruntime is False
+    assert demo.get_args_parser().parse_args([]).onnxruntime is True
+    registry = demo.make_registry(args)
+    (name, loaded), = registry.models.items()
+    assert name == f"dsod_tiny: {path}" and loaded.is_onnx and loaded.imported is not None
+    assert registry.errors == [f"onnx {missing}: {missing}: no such file"]
+
+
+def test_the_table_and_summary_say_n_a_for_a_side_that_did_not_run(tiny_dsod_checkpoints, mini_shapes_image):
+    import json
+
+    from apps.compare import LoadedModel
+    from toolkit.engine import load_trained_model
+
+    model, classes, name = load_trained_model(tiny_dsod_checkpoints["teacher"])
+    loaded = LoadedModel(model, name, tuple(classes), "teacher")
+    comparison = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=2, onnxruntime=False)
+    _, _, rows, figure, summary = demo.render(comparison, loaded, 0.3, None)
+    assert len(rows[0]) == len(demo.TABLE_HEADERS)
+    for row in rows:
+        assert isinstance(row[2], float) and re.fullmatch(r"[\d.]+-[\d.]+", row[3])
+        assert row[4:7] == ["n/a", "n/a", "n/a"] and isinstance(row[7], float)
+    scales = json.loads(json.dumps(summary, allow_nan=False))["scales"]  # JSON without NaN
+    assert all(s["onnxruntime_latency_ms"] is None and s["onnxruntime_times_ms"] == [] for s in scales)
+    assert all(s["onnxruntime_error"] == "not run (PyTorch only)" for s in scales)
+    bars = [p for p in figure.axes[0].patches]
+    assert len(bars) == len(rows)  # PyTorch's bars only
+
+
+def test_an_uploaded_onnx_file_runs_through_gradio_client(served, tiny_dsod_checkpoints, mini_shapes_image, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, registry = served
+    path = _export(tiny_dsod_checkpoints["teacher"], tmp_path / "uploaded.onnx")
+    client = Client(url, verbose=False)
+    choice, status = client.predict(handle_file(str(path)), api_name="/load_model")
+    assert status.startswith("loaded dsod_tiny: ") and status.endswith("uploaded.onnx")
+    name = status[len("loaded "):]
+    assert registry.models[name].is_onnx
+    outputs = client.predict(name, handle_file(str(mini_shapes_image)), None, 0.1,
+                             list(registry.models[name].classes[1:]), api_name="/compare")
+    table, summary, status = outputs[-4], outputs[-2], outputs[-1]
+    assert status == ""
+    assert table["headers"] == demo.TABLE_HEADERS and [row[0] for row in table["data"]] == ["full"]
+    scale, = summary["scales"]
+    assert scale["detections_from"] == "onnxruntime" and scale["onnxruntime_latency_ms"] > 0
+    assert scale["latency_ms"] > 0 and scale["gflops"] > 0  # onnx2torch's module, the PyTorch side
+    loaded = registry.models[name]
+    expected = compare_scales(loaded, read_image_bgr(mini_shapes_image), rounds=1).runs[0]
+    assert len(scale["detections"]) == len(filter_detections(expected, 0.1, loaded.classes)["scores"]) > 0

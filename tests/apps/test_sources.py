@@ -49,7 +49,22 @@ def test_source_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(Exception, match="nothing.pth"):
         load_source("detr", str(tmp_path / "nothing.pth"))
     with pytest.raises(ValueError, match="unknown model source"):
-        load_source("onnx", "model.onnx")
+        load_source("tflite", "model.tflite")
+    with pytest.raises(FileNotFoundError, match="nothing.onnx"):
+        load_source("onnx", str(tmp_path / "nothing.onnx"))
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(ValueError, match="text.onnx: onnxruntime cannot load it"):
+        load_source("onnx", str(tmp_path / "text.onnx"))
+    import onnx
+
+    # An ONNX file python -m toolkit.export did not write: nothing says its preprocessing.
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "foreign.onnx"))
+    with pytest.raises(ValueError, match="without legacy_det metadata"):
+        load_source("onnx", str(tmp_path / "foreign.onnx"))
 
 
 def test_a_caffe_net_of_no_preset_runs_as_it_is_and_finds_what_caffe_found(tmp_path):
