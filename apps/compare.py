@@ -45,7 +45,6 @@ from toolkit.onnx_backend import OnnxRuntimeDetector
 MAX_SIDE = 2048  # larger images are downscaled first (a note says so)
 SCALE_NAMES = {1: "full", 2: "1/2", 4: "1/4"}
 ONNX_SIZES_KEPT = 2  # input sizes whose onnxruntime variants stay loaded (a DETR's size follows the image)
-BICUBIC_AA_OPSET = 18  # ONNX Resize gained ``antialias`` in opset 18
 
 
 @dataclass
@@ -243,24 +242,14 @@ def model_device(model: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------------- onnxruntime
 def runtime_detector(path, threads: Optional[int] = None) -> OnnxRuntimeDetector:
     """The :class:`~toolkit.onnx_backend.OnnxRuntimeDetector` of an ONNX file, set up to be timed beside PyTorch:
-    ``threads`` intra-op threads (default ``torch.get_num_threads()``, PyTorch's own) that do not spin-wait.
+    ``threads`` intra-op threads (default ``torch.get_num_threads()``, PyTorch's own) that do not spin-wait
+    (measured: with onnxruntime's spinning threads the PyTorch run timed right after it took 210-266 ms instead
+    of 96-130 ms, dsod_tiny, 2 threads on the 2-core machine; onnxruntime itself as fast either way).
 
     Raises:
         ValueError: not a file ``python -m toolkit.export`` wrote (the detector's message).
     """
-    import onnxruntime as ort
-
-    threads = threads or torch.get_num_threads()
-    detector = OnnxRuntimeDetector(path, threads)
-    # The session again, with spinning off: onnxruntime's idle threads spin after each run by default and took
-    # the CPU from the PyTorch run timed right after it (dsod_tiny on the 2-core machine, 2 threads: PyTorch
-    # 96-130 ms without spinning, 210-266 ms with it; onnxruntime itself as fast either way).
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    detector.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return detector
+    return OnnxRuntimeDetector(path, threads or torch.get_num_threads(), spin=False)
 
 
 class OnnxRuntimeStandIn(nn.Module):
@@ -281,41 +270,6 @@ class OnnxRuntimeStandIn(nn.Module):
         if mask is not None and bool(mask.any()):
             raise ValueError("a padded batch: the exported detector takes unpadded images")
         return self.runtime(images)
-
-
-_bicubic_aa_registered = False
-
-
-def register_antialiased_bicubic() -> None:
-    """Teach the TorchScript ONNX exporter the bicubic thumbnail, ``F.interpolate(mode="bicubic",
-    antialias=True)``, which it refuses at every opset: ONNX ``Resize`` with ``antialias=1`` (opset 18),
-    ``cubic_coeff_a=-0.5`` (PyTorch's bicubic kernel), ``exclude_outside=1`` (PyTorch drops the taps outside the
-    image and renormalizes the rest) and half-pixel coordinates.  onnxruntime computes it within 3e-5 of PyTorch
-    on [0, 1] images (measured from 160x160 to 533x800, scales 2 and 4); the export's check still holds every
-    detector output to 1e-4.  Registered for opset 18 and later only: earlier opsets fail as before.
-    """
-    global _bicubic_aa_registered
-    if _bicubic_aa_registered:
-        return
-    from torch.onnx import register_custom_op_symbolic
-    from torch.onnx import symbolic_helper as sh
-
-    def antialiased_bicubic(g, x, output_size, align_corners, scales_h=None, scales_w=None):
-        size = sh._maybe_get_const(output_size, "is")
-        if sh._is_value(size):  # (h, w) computed from the input's shape while tracing
-            hw = g.op("Concat", *[g.op("Cast", sh._unsqueeze_helper(g, v, [0]), to_i=7)  # to int64
-                                  for v in sh._unpack_list(size)], axis_i=0)
-        else:
-            hw = g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64))
-        batch_channels = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
-                              g.op("Constant", value_t=torch.tensor([2])))
-        sizes = g.op("Concat", batch_channels, hw, axis_i=0)
-        none = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))  # no roi, no scales: sizes
-        return g.op("Resize", x, none, none, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
-                    exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
-
-    register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", antialiased_bicubic, BICUBIC_AA_OPSET)
-    _bicubic_aa_registered = True
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -356,22 +310,17 @@ def onnx_at_scale(loaded: LoadedModel, scale: int, mode: Optional[str], input_hw
 
 
 def _export_variant(loaded: LoadedModel, model: nn.Module, input_hw: tuple[int, int]) -> OnnxRuntimeStandIn:
-    from toolkit.export import DEFAULT_OPSET, export, spec_for_model
+    from toolkit.export import export, spec_for_model
 
     if loaded.setup is not None:
         raise ValueError("a Caffe net run as it is is not exported here (its DetectionOutput runs in Python); "
                          "export its checkpoint with python -m toolkit.export and load the .onnx file")
     if model_device(model).type != "cpu":
         raise ValueError(f"the model is on {model_device(model)}; onnxruntime runs here on the CPU")
-    thumbnailer = find_thumbnailer(model)
-    opset = DEFAULT_OPSET
-    if thumbnailer is not None and thumbnailer.mode == "bicubic":
-        register_antialiased_bicubic()
-        opset = max(opset, BICUBIC_AA_OPSET)
     with tempfile.TemporaryDirectory(prefix="legacy-det-demo-onnx-") as folder:
         try:
             spec = spec_for_model(model, loaded.classes, loaded.model_name, input_size=input_hw)
-            path = export(spec, Path(folder) / "variant.onnx", opset=opset).path
+            path = export(spec, Path(folder) / "variant.onnx").path  # opset 18 for a bicubic thumbnail
             runtime = runtime_detector(path)  # the session holds the model: the file can go
         except Exception as exc:  # ExportError, or a model the exporter does not know: the comparison goes on
             raise ValueError(f"no ONNX export: {_first_line(exc)}") from None

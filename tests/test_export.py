@@ -79,6 +79,17 @@ def test_dsod_tiny_raw_and_postprocessed(tiny_dsod_checkpoints, mini_shapes_imag
         assert "batch 2" in round_trip(path, capsys)
 
 
+def test_bicubic_student_exports_at_opset_18(tiny_dsod_checkpoints, mini_shapes_root, tmp_path, capsys, train_tiny):
+    """A ThumbDet student behind a bicubic thumbnail: PyTorch's antialiased bicubic as ONNX Resize (opset 18)."""
+    student = train_tiny(mini_shapes_root, tmp_path / "bicubic", "dsod_tiny", "--distill", "thumbdet", "--teacher",
+                         str(tiny_dsod_checkpoints["teacher"]), "--thumb-scale", "2", "--thumb-mode", "bicubic")
+    code, out, err = run_export(capsys, "--checkpoint", student, "-o", tmp_path / "b.onnx", "--dynamic-batch")
+    assert code == 0, err
+    assert "opset 18" in out and "batch 2: loc" in out
+    resize = [n for n in onnx.load(str(tmp_path / "b.onnx")).graph.node if n.op_type == "Resize"]
+    assert resize and any(a.name == "antialias" and a.i == 1 for a in resize[0].attribute)
+
+
 def test_ssd_tiny_fixed_batch(tiny_ssd, tmp_path, capsys):
     code, out, err = run_export(capsys, "--checkpoint", tiny_ssd, "-o", tmp_path / "ssd.onnx", "--opset", "18")
     assert code == 0, err

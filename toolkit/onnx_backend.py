@@ -39,13 +39,14 @@ class OnnxRuntimeDetector(nn.Module):
     ``forward(images float32 (B, 3, H, W))`` returns ``{output name: tensor}``.  Attributes: ``family``
     (``"ssd"``, ``"detr"`` or ``"caffe"``), ``model_name``, ``classes`` (background first; None if the file
     has none), ``postprocess`` (``"none"``, ``"detection_output"``, ``"top<k>"`` or ``"caffe"``),
-    ``preprocess`` (a dict), ``input_hw``, ``dynamic_batch``, ``source``.
+    ``preprocess`` (a dict), ``input_hw``, ``dynamic_batch``, ``source``.  ``threads``: intra-op threads
+    (onnxruntime's default: every core); ``spin=False``: its threads sleep between runs instead of spinning.
 
     Raises:
         ValueError: not a readable ONNX file, or one ``toolkit.export`` did not write (no metadata).
     """
 
-    def __init__(self, path, threads: Optional[int] = None) -> None:
+    def __init__(self, path, threads: Optional[int] = None, spin: bool = True) -> None:
         super().__init__()
         import onnxruntime as ort
 
@@ -53,6 +54,10 @@ class OnnxRuntimeDetector(nn.Module):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spin:
+            # onnxruntime's idle threads spin after each run by default, taking the CPU from whatever runs next
+            # (the demo times PyTorch right after it).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own message (file, node)
