@@ -41,9 +41,9 @@ def round_trip(path, capsys) -> str:
 
 
 # ------------------------------------------------------------------------------------------ SSD family
-@pytest.fixture(scope="module")
-def tiny_ssd(mini_shapes_root, tmp_path_factory, train_tiny):
-    return train_tiny(mini_shapes_root, tmp_path_factory.mktemp("ssd"), "ssd_tiny")
+@pytest.fixture(scope="module", params=["ssd_tiny", "grp_dsod_tiny"])
+def tiny_ssd(request, mini_shapes_root, tmp_path_factory, train_tiny):
+    return train_tiny(mini_shapes_root, tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.mark.parametrize("kind", ["teacher", "student"])
@@ -90,12 +90,15 @@ def test_bicubic_student_exports_at_opset_18(tiny_dsod_checkpoints, mini_shapes_
     assert resize and any(a.name == "antialias" and a.i == 1 for a in resize[0].attribute)
 
 
-def test_ssd_tiny_fixed_batch(tiny_ssd, tmp_path, capsys):
+def test_ssd_and_grp_dsod_fixed_batch(tiny_ssd, tmp_path, capsys):
+    """SSD (VGG) and GRP-DSOD (its gates) at a fixed batch, opset 18, with the post-processing in the graph too."""
+    code, out, err = run_export(capsys, "--checkpoint", tiny_ssd, "-o", tmp_path / "post.onnx", "--with-postprocess")
+    assert code == 0, err
     code, out, err = run_export(capsys, "--checkpoint", tiny_ssd, "-o", tmp_path / "ssd.onnx", "--opset", "18")
     assert code == 0, err
     assert [i.shape for i in session(tmp_path / "ssd.onnx").get_inputs()] == [[1, 3, 160, 160]]
     assert "opset 18" in out and "batch 2" not in out
-    assert "batch 1: loc" in round_trip(tmp_path / "ssd.onnx", capsys)
+    assert "batch 1: detection_out" in round_trip(tmp_path / "post.onnx", capsys)
 
 
 # ------------------------------------------------------------------------------------------ converted Caffe nets

@@ -90,6 +90,8 @@ def normalized_for_onnx2torch(model):
 
     - trailing empty optional inputs are dropped (``Clip(x, min, "")`` -> ``Clip(x, min)``: onnx2torch looks the
       empty name up as a constant and fails);
+    - an ``Identity`` of an initializer (PyTorch's exporter shares equal weights that way) becomes an initializer
+      of its own (onnx2torch reads a convolution's weight from the initializers only);
     - a graph output that is an initializer, a ``Constant`` node's output (the priors) or one output of a node
       with several (``TopK``'s values) goes through an ``Identity`` (onnx2torch cannot return a value no node
       produces, and returns a several-output node's whole tuple).
@@ -104,6 +106,22 @@ def normalized_for_onnx2torch(model):
         if len(inputs) != len(node.input):
             del node.input[:]
             node.input.extend(inputs)
+    initializers = {i.name: i for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    kept_nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and not node.domain and node.input[0] in initializers \
+                and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            initializers[copy.name] = copy
+        else:
+            kept_nodes.append(node)
+    if len(kept_nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept_nodes)
     indirect = {i.name for i in model.graph.initializer}
     indirect |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and not n.domain}
     indirect |= {o for n in model.graph.node if len(n.output) > 1 for o in n.output}
