@@ -438,15 +438,26 @@ def check_parity(session, spec: ExportSpec, inputs, expected: Sequence[np.ndarra
     # The exporter drops inputs whose values the graph never reads (a Caffe input used for its shape only).
     wanted = {i.name for i in session.get_inputs()}
     got = session.run(spec.output_names, {n: t.numpy() for n, t in zip(spec.input_names, inputs) if n in wanted})
+    return max_differences(spec.output_names, got, expected, tolerance, batch, "onnxruntime", "PyTorch")
+
+
+def max_differences(names: Sequence[str], got: Sequence[np.ndarray], expected: Sequence[np.ndarray],
+                    tolerance: float, batch: int, got_label: str, expected_label: str) -> dict[str, float]:
+    """``{name: max |got - expected|}`` (in float64; 0 for empty outputs).
+
+    Raises:
+        ExportError: the first output of another shape, or beyond ``tolerance`` (named, with the batch and the
+            two sides' labels).
+    """
     diffs = {}
-    for name, e, g in zip(spec.output_names, expected, got):
-        if e.shape != g.shape:
-            raise ExportError(f"output {name!r} at batch {batch}: onnxruntime gives shape {g.shape}, PyTorch "
-                              f"{e.shape}")
+    for name, g, e in zip(names, got, expected):
+        if g.shape != e.shape:
+            raise ExportError(f"output {name!r} at batch {batch}: {got_label} gives shape {g.shape}, "
+                              f"{expected_label} {e.shape}")
         diff = float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)))) if e.size else 0.0
         if not diff <= tolerance:
-            raise ExportError(f"output {name!r} at batch {batch}: onnxruntime differs from PyTorch by {diff:.3g} "
-                              f"(> {tolerance:g})")
+            raise ExportError(f"output {name!r} at batch {batch}: {got_label} differs from {expected_label} by "
+                              f"{diff:.3g} (> {tolerance:g})")
         diffs[name] = diff
     return diffs
 

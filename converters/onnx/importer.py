@@ -15,8 +15,6 @@ given (``sizes``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 import torch
+
+from toolkit.export import ExportError, max_differences
 
 IMPORT_FORMAT = "legacy-det/onnx/1"
 DEFAULT_TOLERANCE = 1e-4
@@ -218,18 +218,11 @@ def check_parity(model, module, batch: int, tolerance: float, sizes: Mapping[str
         got = module(*[torch.from_numpy(v) for v in feeds.values()])
     got = list(got) if isinstance(got, (tuple, list)) else [got]
     names = [o.name for o in session.get_outputs()]
-    diffs = {}
-    for name, g, e in zip(names, got, expected):
-        g = g.detach().cpu().numpy()
-        if g.shape != e.shape:
-            raise ParityError(f"output {name!r} at batch {batch}: the converted module gives shape {g.shape}, "
-                              f"onnxruntime {e.shape}")
-        diff = float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)))) if e.size else 0.0
-        if not diff <= tolerance:
-            raise ParityError(f"output {name!r} at batch {batch}: the converted module differs from onnxruntime by "
-                              f"{diff:.3g} (> {tolerance:g})")
-        diffs[name] = diff
-    return diffs
+    try:
+        return max_differences(names, [g.detach().cpu().numpy() for g in got], expected, tolerance, batch,
+                               "the converted module", "onnxruntime")
+    except ExportError as exc:
+        raise ParityError(str(exc)) from None
 
 
 @dataclass
@@ -278,17 +271,10 @@ def save_imported(result: ImportResult, out: Path, source: str) -> int:
         "parity": {str(k): v for k, v in result.parity.items()},
         "source": source,
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out.stat().st_size
+    from converters.caffe.cli import atomic_write
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda f: torch.save(checkpoint, f), OnnxImportError)
 
 
 def load_imported(path: Path) -> torch.nn.Module:
