@@ -293,9 +293,9 @@ def test_a_tiny_model_learns_two_images(mini_shapes_root):
     subset = Subset(dataset, range(2))
     images, targets = collate_detection([subset[i] for i in range(2)])
     model = build_model("gfl_dsod_tiny", len(dataset.classes))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
     history = []
-    for _ in range(60):
+    for _ in range(40):  # mAP 0.91 from step 30 on (10 of 11 objects; the last is 6 x 5 pixels)
         losses = gfl_loss(model(images), targets)
         optimizer.zero_grad()
         losses["loss"].backward()
