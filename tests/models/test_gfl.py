@@ -62,6 +62,19 @@ def test_anchor_sizes_are_the_middle_of_each_level_of_the_preset():
     assert model.num_classes == 7 and model.head.num_classes == 6 and model.reg_max == 16
 
 
+def test_gfl_dsod300_outputs():
+    model = build_model("gfl_dsod300", 21).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 300, 300))
+    assert out["feature_hws"] == [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (2, 2)]
+    assert out["cls_logits"].shape == (1, 1943, 20) and out["reg_logits"].shape == (1, 1943, 4, 17)
+    # Strides are the input over the map (300 / 38 ...), anchors the middle of DSOD300's prior sizes.
+    assert out["strides"][0].tolist() == pytest.approx([300 / 38] * 2)
+    assert out["strides"][-1].tolist() == pytest.approx([150.0, 150.0])
+    assert (out["anchors"][0, 2] - out["anchors"][0, 0]).item() == pytest.approx(math.sqrt(30 * 60), rel=1e-6)
+    assert len(out["sources"]) == 6 and out["sources"][0].shape == (1, 800, 38, 38)
+
+
 def test_decode_against_a_loop():
     torch.manual_seed(1)
     reg_max = 7

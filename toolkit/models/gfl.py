@@ -31,7 +31,9 @@ What differs from mmdetection's head, and why:
   Each source first goes through DSOD's ``Normalize`` (L2, scale 20), as in DSOD's head: the sources are
   concatenations of unnormalised feature maps of very different magnitudes.  ``tower_convs`` optional
   3x3 Conv-BN-ReLU layers per branch and level stand in for GFL's tower (BatchNorm: the DSOD family trains from
-  scratch with it);
+  scratch with it).  The presets' predictors are DSOD's (``batch_norm``: convolution + BatchNorm, its bias
+  initialised as GFL's): with GFL's plain convolutions ``gfl_dsod_tiny`` diverged at a learning rate of 0.1,
+  with DSOD's it trains with ``dsod_tiny``'s recipe (0.2);
 - **anchor sizes from the preset's priors**: GFL's anchor is ``8 x stride`` on FPN levels P3-P7 of 800-pixel
   images.  On the DSOD sources (strides 4..160 on a 160-pixel input) that rule gives anchors of 32..1280
   pixels: every object of the small presets would go to the two finest levels and the coarse levels' anchors
@@ -46,6 +48,12 @@ What differs from mmdetection's head, and why:
   ``stride_y`` (the same for the square inputs of every preset);
 - difficult ground-truth boxes are left out of training (mmdetection's VOC reader makes them ignored boxes,
   which its ATSS assigner does not use).
+
+For distillers (LD, FRS): the model's output holds the per-location class logits (``cls_logits``), each edge's
+distribution logits (``reg_logits``, ``(N, P, 4, reg_max + 1)``: LD's KL term works on ``reshape(-1, reg_max +
+1)``), the anchors and strides, and the source maps (``sources``); :func:`level_maps` gives per-level maps (FRS's
+masks), :func:`gfl_targets` the ATSS assignment (positives: ``labels < C``), which :func:`gfl_loss` takes as
+``assigned=`` so that the task loss and the distillation share one assignment.
 
 Box conventions: anchors, targets and decoded boxes are ``xyxy`` in continuous pixels of the network input;
 :func:`gfl_postprocess` returns boxes normalized by the input size, as the SSD family's post-processing does.
