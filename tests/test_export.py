@@ -311,3 +311,10 @@ def test_every_supported_caffe_layer_exports(net, tmp_path, capsys):
                                        err_msg=value.name)
             compared += 1
     assert compared == len(got)
+
+
+def test_gfl_head_is_refused_by_name(mini_shapes_root, tmp_path, capsys, train_tiny):
+    checkpoint = train_tiny(mini_shapes_root, tmp_path / "gfl", "gfl_dsod_tiny")
+    code, _, err = run_export(capsys, "--checkpoint", checkpoint, "-o", tmp_path / "g.onnx")
+    assert code == 1 and "gfl_dsod_tiny: the GFL head has no ONNX export yet" in err
+    assert not (tmp_path / "g.onnx").exists()

@@ -210,9 +210,13 @@ def spec_for_model(model: nn.Module, classes: Sequence[str], name: str, with_pos
     """The :class:`ExportSpec` of a loaded toolkit detector (``name`` its preset; a DETR or an SSD-family model,
     a ThumbDet student included), as :func:`spec_for_checkpoint` gives for its checkpoint."""
     from toolkit.models.detr import DeformableDETR
+    from toolkit.models.gfl import GFLDetector
 
     if isinstance(model, DeformableDETR):
         return _detr_spec(model, classes, name, with_postprocess, input_size, image, top_k)
+    if isinstance(model, GFLDetector):
+        raise ExportError(f"{name}: the GFL head has no ONNX export yet (its outputs and post-processing differ "
+                          "from the SSD family's); export an SSD/DSOD or DETR model")
     return _ssd_spec(model, classes, name, with_postprocess, input_size, image)
 
 
