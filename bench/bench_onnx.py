@@ -53,7 +53,7 @@ def main() -> None:
     from toolkit.data.voc import VOC_CLASSES
     from toolkit.engine import evaluate_detector, inference_setup, load_trained_model
     from toolkit.export import export, no_boxes, quantize_int8, spec_for_checkpoint
-    from toolkit.onnx_backend import OnnxRuntimeDetector, evaluate_onnx
+    from toolkit.onnx_backend import OnnxRuntimeDetector, evaluate_onnx, onnx_inference_setup
 
     torch.set_num_threads(args.threads)
     load = OtherLoad()
@@ -73,11 +73,12 @@ def main() -> None:
             export(spec_for_checkpoint(Path(path), preset or None), float_path)
             int8_file = quantize_int8(float_path, Path(folder) / f"{name}.int8.onnx", args.dataset,
                                       args.calibration_images, args.data_root)
-            forms = {"onnxruntime": OnnxRuntimeDetector(float_path, args.threads),
-                     "onnxruntime int8": OnnxRuntimeDetector(int8_file, args.threads)}
+            forms = {"onnxruntime": OnnxRuntimeDetector(float_path, args.threads, spin=False),
+                     "onnxruntime int8": OnnxRuntimeDetector(int8_file, args.threads, spin=False)}
             setup = inference_setup(model_name, len(classes))
             test = build_dataset(args.dataset, "test", root=args.data_root, transform=setup.transform)
-            image = setup.collate([setup.transform(_raw_image(test, 0), no_boxes())])[0]
+            # The exported file's input (a DETR: warped to its export size, unpadded) for all three forms.
+            image = onnx_inference_setup(forms["onnxruntime"]).transform(_raw_image(test, 0), no_boxes())[0][None]
             runners = {"pytorch": lambda: model(image)}
             for label, detector in forms.items():
                 runners[label] = (lambda d: lambda: d(image))(detector)
@@ -94,7 +95,8 @@ def main() -> None:
             rows.append((name, model_name, times))
             if args.map and tuple(test.classes) == tuple(classes):
                 loader = torch.utils.data.DataLoader(test, batch_size=setup.batch_size, collate_fn=setup.collate)
-                torch_map = evaluate_detector(model, test, loader, setup.params, torch.device("cpu"))[0].mAP
+                torch_map = evaluate_detector(model, test, loader, setup.params, torch.device("cpu"),
+                                              predict_fn=setup.predict_fn)[0].mAP
                 onnx_maps = [evaluate_onnx(d, args.dataset, args.data_root).mAP for d in forms.values()]
                 maps.append((name, torch_map, *onnx_maps))
     print(f"{'model':<22} {'PyTorch ms':>22} {'onnxruntime ms':>22} {'int8 ms':>22}   PyTorch/ORT   PyTorch/int8")
