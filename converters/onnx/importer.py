@@ -158,12 +158,9 @@ def convert_model(model, source: str = "<model>"):
         raise OnnxImportError(f"{source}: onnx2torch failed: {type(exc).__name__}: {exc}") from None
 
 
-def _parity_inputs(model, batch: int, sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
+def _parity_inputs(model, session, batch: int, sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
     meta = {p.key: p.value for p in model.metadata_props}
     preprocess = json.loads(meta["legacy_det.preprocess"]) if meta.get("legacy_det.preprocess") else None
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {}
     for value in session.get_inputs():
@@ -205,12 +202,14 @@ def _preprocessed_scene(preprocess: dict, shape) -> np.ndarray:
     return batch_of(transform(parity_image(), no_boxes())[0], n).numpy()
 
 
-def check_parity(model, module, batch: int, tolerance: float, sizes: Mapping[str, int]) -> dict[str, float]:
+def check_parity(model, module, batch: int, tolerance: float, sizes: Mapping[str, int],
+                 session=None) -> dict[str, float]:
     """Max ``|module - onnxruntime|`` per output at ``batch``; raises :class:`ParityError` naming the output."""
     import onnxruntime as ort
 
-    feeds = _parity_inputs(model, batch, sizes)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    if session is None:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = _parity_inputs(model, session, batch, sizes)
     expected = session.run(None, feeds)
     with torch.no_grad(), warnings.catch_warnings():
         # onnx2torch's Slice indexes with a list, which this torch warns about (the result is checked below).
@@ -250,9 +249,12 @@ def import_onnx(path: Path, tolerance: float = DEFAULT_TOLERANCE,
     model = read_model(path)
     module = convert_model(model, str(path))
     sizes = dict(sizes or {})
-    parity = {1: check_parity(model, module, 1, tolerance, sizes)}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    parity = {1: check_parity(model, module, 1, tolerance, sizes, session)}
     if _batch_is_dynamic(model):
-        parity[2] = check_parity(model, module, 2, tolerance, sizes)
+        parity[2] = check_parity(model, module, 2, tolerance, sizes, session)
 
     def described(values):
         return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
