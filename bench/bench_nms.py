@@ -1,9 +1,11 @@
-"""Caffe's greedy NMS against LD's score-voting cluster DIoU-NMS on one checkpoint: AP and post-processing time.
+"""Greedy NMS against LD's score-voting cluster DIoU-NMS on one checkpoint: AP and post-processing time.
 
-The network runs once per test image (``--dataset``'s test split, batch 1, float32); its outputs (location
-offsets, class probabilities, priors) are kept and post-processed by both NMS in turn: DetectionOutput's
-per-class greedy NMS at the preset's threshold (0.45), and ``nms="voting_cluster_diou"`` (all classes together at
-IoU 0.6; the same confidence threshold 0.01, per-class ``top_k`` 400 and ``keep_top_k`` 200 around it).  Both
+The network runs once per test image (``--dataset``'s test split, batch 1, float32); its outputs are kept and
+post-processed by both NMS in turn.  SSD-family checkpoints (location offsets, class probabilities, priors):
+DetectionOutput's per-class greedy NMS at the preset's threshold (0.45), and ``nms="voting_cluster_diou"`` (all
+classes together at IoU 0.6; the same confidence threshold 0.01, per-class ``top_k`` 400 and ``keep_top_k`` 200
+around it).  GFL-head checkpoints (``gfl_*``): GFL's post-processing (score threshold 0.05, 1,000 locations per
+level, 100 detections) with per-class greedy NMS at IoU 0.6 or the voting NMS at 0.6, LD's test configuration.  Both
 lists of detections are scored with VOC07 and VOC12 AP (``toolkit.evaluation.voc``) and with COCO-style AP
 (pycocotools' COCOeval on the same ground truth converted to COCO: AP over IoU 0.50:0.95, AP50, AP75).
 Post-processing time is per image (decoding, thresholds, NMS, voting), measured image by image with the two
@@ -55,7 +57,7 @@ def coco_ground_truth(gt: dict, classes) -> "object":
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a toolkit.train checkpoint of the SSD family")
+    parser.add_argument("checkpoint", type=Path, help="a toolkit.train checkpoint of the SSD family or a gfl_* one")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--data-root", type=Path)
     parser.add_argument("--images", type=int, default=500, help="test images used (default 500)")
@@ -66,6 +68,8 @@ def main() -> None:
     from toolkit.engine import inference_setup, load_trained_model, to_image_pixels
     from toolkit.evaluation.submission import detections_from_predictions, ground_truth_from_voc
     from toolkit.evaluation.voc import evaluate_voc
+    from toolkit.models.build import GFL_MODELS
+    from toolkit.models.gfl import GFLPostprocessParams, gfl_postprocess
     from toolkit.models.postprocess import detection_output
 
     torch.set_num_threads(args.threads)
@@ -73,7 +77,8 @@ def main() -> None:
     setup = inference_setup(name, len(classes))
     dataset = build_dataset(args.dataset, "test", root=args.data_root, transform=setup.transform)
     count = min(args.images, len(dataset))
-    params = {kind: replace(setup.params, nms=kind) for kind in KINDS}
+    gfl = name in GFL_MODELS
+    params = {kind: GFLPostprocessParams(nms=kind) if gfl else replace(setup.params, nms=kind) for kind in KINDS}
     predictions = {kind: [] for kind in KINDS}
     times = {kind: [] for kind in KINDS}
     load = OtherLoad()
@@ -81,10 +86,15 @@ def main() -> None:
         for index in range(count):
             image, target = dataset[index]
             out = model(image[None])
-            probs = torch.softmax(out["conf"].float(), dim=-1)
+            probs = None if gfl else torch.softmax(out["conf"].float(), dim=-1)
             for kind in KINDS:
                 start = time.perf_counter()
-                det = detection_output(out["loc"].float(), probs, out["priors"], out["variances"], params[kind])[0]
+                if gfl:
+                    det = gfl_postprocess(out["cls_logits"], out["reg_logits"], out["anchors"], out["strides"],
+                                          out["feature_hws"], out["image_hw"], params[kind])[0]
+                else:
+                    det = detection_output(out["loc"].float(), probs, out["priors"], out["variances"],
+                                           params[kind])[0]
                 times[kind].append(time.perf_counter() - start)
                 det = to_image_pixels(det, target["orig_size"].tolist())
                 predictions[kind].append({**det, "image_id": target["image_id"]})

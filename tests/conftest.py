@@ -125,3 +125,21 @@ def tiny_dsod_checkpoints(mini_shapes_root, tmp_path_factory) -> dict:
     student = _train_tiny(mini_shapes_root, root / "student", "dsod_tiny", "--distill", "thumbdet", "--teacher",
                           str(teacher), "--thumb-scale", "2")
     return {"teacher": teacher, "student": student}
+
+
+def kill_after_checkpoint(monkeypatch, trainer_cls, iteration: int, run) -> None:
+    """Run ``run()`` with ``trainer_cls.checkpoint`` raising ``KeyboardInterrupt`` right after it has written the
+    checkpoint of ``iteration`` (a run killed there), check that it died, and restore the method."""
+    real_checkpoint = trainer_cls.checkpoint
+
+    def checkpoint_then_die(self):
+        real_checkpoint(self)
+        if self.iteration == iteration:
+            raise KeyboardInterrupt(f"simulated kill after the checkpoint at iteration {iteration}")
+
+    monkeypatch.setattr(trainer_cls, "checkpoint", checkpoint_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(trainer_cls, "checkpoint", real_checkpoint)

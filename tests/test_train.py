@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import FirstImages
+from conftest import FirstImages, kill_after_checkpoint
 from toolkit import train as train_mod
 from toolkit.data.shapes import generate_shapes
 from toolkit.engine import EpochSampler
@@ -42,18 +42,8 @@ def test_resume_after_a_kill_reproduces_the_next_losses(data_root, tmp_path, mon
     assert [h["iteration"] for h in reference] == list(range(1, 7))
 
     killed = tmp_path / "killed"
-    real_checkpoint = train_mod.Trainer.checkpoint
-
-    def checkpoint_then_die(self):
-        real_checkpoint(self)
-        if self.iteration == 3:
-            raise KeyboardInterrupt("simulated kill after the checkpoint at iteration 3")
-
-    monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.main(_args(data_root, killed, "--iters", "6", "--ckpt-every", "3", "--workers", "0",
-                             "--augment", "ssd"))
-    monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
+    kill_after_checkpoint(monkeypatch, train_mod.Trainer, 3, lambda: train_mod.main(
+        _args(data_root, killed, "--iters", "6", "--ckpt-every", "3", "--workers", "0", "--augment", "ssd")))
     assert torch.load(killed / "checkpoint.pth", weights_only=True)["iteration"] == 3
     # Resume with two DataLoader workers: per-sample generators make the data identical.
     assert train_mod.main(_args(data_root, killed, "--iters", "6", "--workers", "2", "--augment", "ssd",
@@ -301,17 +291,8 @@ def test_detr_training_resumes_exactly_and_its_checkpoint_evaluates_and_predicts
     assert json.loads((full / "metrics.json").read_text())["metric"] == "voc07"
 
     killed = tmp_path / "killed"
-    real_checkpoint = train_mod.Trainer.checkpoint
-
-    def checkpoint_then_die(self):
-        real_checkpoint(self)
-        if self.iteration == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train_mod.Trainer, "checkpoint", checkpoint_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.main(args(killed, "--iters", "4", "--ckpt-every", "2"))
-    monkeypatch.setattr(train_mod.Trainer, "checkpoint", real_checkpoint)
+    kill_after_checkpoint(monkeypatch, train_mod.Trainer, 2,
+                          lambda: train_mod.main(args(killed, "--iters", "4", "--ckpt-every", "2")))
     assert train_mod.main(args(killed, "--iters", "4", "--resume")) == 0
     for a, b in zip(reference, _history(killed)):
         assert a == b

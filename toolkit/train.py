@@ -83,11 +83,13 @@ from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import GFL_MODELS, INPUTS, MODELS, build_model, default_postprocess
 from toolkit.models.caffe_import import init_from_checkpoint
 from toolkit.models.detr.training import DETR_PRESETS
-from toolkit.models.gfl import GFLLoss, GFLPostprocessParams, predict_gfl
+from toolkit.models.gfl import GFLLoss, GFLPostprocessParams, gfl_loss, gfl_targets, predict_gfl
 from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.postprocess import NMS_KINDS
 from toolkit.models.thumbnail import find_thumbnailer
+
+DISTILL_METHODS = ("thumbdet", "ld", "frs")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ SOLVERS: dict[str, SolverPreset] = {
     "gfl_dsod_tiny": SolverPreset(0.2, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror"),
     "gfl_dsod300": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4, warmup_iters=500),
 }
+# The distillation students (issue 15's figures): the recipe of the preset whose layout they share.
+SOLVERS["dsod_nano"] = SOLVERS["dsod_tiny"]
+SOLVERS["gfl_dsod_nano"] = SOLVERS["gfl_dsod_tiny"]
 # Deformable DETR's main.py defaults (Sparse DETR keeps them): AdamW lr 2e-4, backbone 2e-5, offsets x0.1, weight
 # decay 1e-4, clip 0.1, batch 2, 50 epochs, lr / 10 after 40.
 _DETR_SOLVER = SolverPreset(2e-4, (), 0, batch_size=2, weight_decay=1e-4, augment="detr", optimizer="adamw",
@@ -189,13 +194,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "through the model's rename table) or a toolkit.train checkpoint; a confidence head for "
                         "another number of classes is left at its initialisation")
     p.add_argument("--resume", nargs="?", const="auto", help="checkpoint to resume (default: <out>/checkpoint.pth)")
-    d = p.add_argument_group("distillation (ThumbDet: a student that sees a thumbnail, taught by a full-size teacher)")
-    d.add_argument("--distill", choices=("thumbdet",),
+    d = p.add_argument_group("distillation (a frozen --teacher checkpoint teaches the student, --model)")
+    d.add_argument("--distill", choices=DISTILL_METHODS,
                    help="thumbdet: the student (--model, started from the teacher's weights) sees a --thumb-scale "
                         "times smaller image; the first --downsample-phase of the run trains the down-sampler alone "
-                        "(down-sample loss), the rest the whole student with the task loss, KD and FM")
-    d.add_argument("--teacher", type=Path, help="the full-size teacher: a toolkit.train checkpoint of the same "
-                                                "--model (DETR: or a converters.detr checkpoint)")
+                        "(down-sample loss), the rest the whole student with the task loss, KD and FM.  "
+                        "ld: localization distillation (gfl_* student and teacher: LD on the positives and the "
+                        "valuable localization region, KD of the class scores; Self-LD: a teacher of the student's "
+                        "own --model).  frs: feature-richness distillation (SSD or GFL heads, the teacher's head of "
+                        "the same kind: features and class scores weighted by the teacher's class probabilities)")
+    d.add_argument("--teacher", type=Path,
+                   help="the frozen teacher, a toolkit.train checkpoint (DETR: or a converters.detr one). thumbdet: "
+                        "the full-size --model; ld / frs: any preset with the student's levels on the same input "
+                        "size and preprocessing (e.g. gfl_dsod_tiny for gfl_dsod_nano)")
     d.add_argument("--thumb-scale", type=int, choices=(1, 2, 4), default=4,
                    help="thumbnail scale (default 4, ThumbDet's; 1: the full-size model with the same schedule)")
     d.add_argument("--thumb-mode", choices=("learned", "bicubic"), default="learned",
@@ -210,6 +221,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(default 1e-3; the DETR family's AdamW trains it with the backbone, as officially)")
     d.add_argument("--kd-weight", type=float, default=0.5, help="KD loss weight (default 0.5)")
     d.add_argument("--fm-weight", type=float, default=0.1, help="feature-map loss weight (default 0.1)")
+    d.add_argument("--ld-temperature", type=float, default=10.0, help="LD's temperature (default 10)")
+    d.add_argument("--ld-weight", type=float, default=0.25, help="LD term on the positives (default 0.25)")
+    d.add_argument("--ld-vlr-weight", type=float, default=0.25,
+                   help="LD term on the valuable localization region (default 0.25; 0 leaves it out)")
+    d.add_argument("--ld-kd-weight", type=float, default=10.0,
+                   help="LD's KD of the class scores at the positives (default 10, temperature 2)")
+    d.add_argument("--frs-feat-weight", type=float,
+                   help="FRS feature term (default: FRS's 0.1 for GFL heads, 0.005 for SSD heads)")
+    d.add_argument("--frs-cls-weight", type=float,
+                   help="FRS classification term (default: FRS's 0.05 for GFL heads, 0.02 for SSD heads)")
+    d.add_argument("--frs-warmup", type=int, default=500,
+                   help="FRS's linear ramp of both terms over the first N iterations (default 500)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: at the end only)")
     p.add_argument("--nms", choices=NMS_KINDS, default="greedy",
                    help="the evaluations' NMS, SSD family: greedy (Caffe's DetectionOutput, default; the gfl_* "
@@ -326,12 +349,17 @@ class Trainer:
         self.is_gfl = args.model in GFL_MODELS
         self.model_config = None
         if args.distill is None and args.teacher is not None:
-            raise ValueError("--teacher needs --distill thumbdet")
+            raise ValueError(f"--teacher needs --distill ({' | '.join(DISTILL_METHODS)})")
         if args.distill == "thumbdet" and self.is_gfl:
             raise ValueError(f"--distill thumbdet: {args.model} has a GFL head; ThumbDet is for the SSD and DETR "
                              "heads")
-        if args.distill and args.init_from:
+        if args.distill == "thumbdet" and args.init_from:
             raise ValueError("--distill thumbdet starts the student from the teacher's weights: drop --init-from")
+        if args.distill == "ld" and not self.is_gfl:
+            raise ValueError(f"--distill ld distils box-edge distributions: the student needs a GFL head "
+                             f"(gfl_* presets), not {args.model}")
+        if args.distill == "frs" and self.is_detr:
+            raise ValueError(f"--distill frs is for the SSD family and the GFL head, not {args.model}")
         if self.is_detr:
             model, s = self._setup_detr(args, preset, dist_info)
         else:
@@ -352,6 +380,12 @@ class Trainer:
             # DETR: heads some steps leave out; ThumbDet's first phase trains the down-sampler alone.
             find_unused_parameters=self.is_detr or self.teacher is not None,
         ) if dist_info.enabled else model
+        self.adaptation_ddp = None
+        if self.adaptation is not None:
+            self.adaptation = self.adaptation.to(self.device)
+            self.adaptation_ddp = torch.nn.parallel.DistributedDataParallel(
+                self.adaptation, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            ) if dist_info.enabled else self.adaptation
         self.thumb_optimizer = None
         if s.optimizer == "adamw":
             from toolkit.models.detr.training import param_groups
@@ -365,8 +399,11 @@ class Trainer:
             # the down-sampler keeps an Adam of its own, on the same schedule.
             thumbnailer = find_thumbnailer(model) if self.learns_thumbnail else None
             own = set(thumbnailer.parameters()) if thumbnailer is not None else set()
-            self.optimizer = torch.optim.SGD([p for p in model.parameters() if p not in own], lr=s.base_lr,
-                                             momentum=s.momentum, weight_decay=s.weight_decay)
+            # FRS's adaptation layer trains with the student (FRS: a neck of the student's detector).
+            params = [p for p in model.parameters() if p not in own]
+            if self.adaptation is not None:
+                params += list(self.adaptation.parameters())
+            self.optimizer = torch.optim.SGD(params, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
             if own:
                 self.thumb_optimizer = torch.optim.Adam(thumbnailer.parameters(), lr=args.downsample_lr)
         self.optimizers = [self.optimizer] + ([self.thumb_optimizer] if self.thumb_optimizer is not None else [])
@@ -517,10 +554,15 @@ class Trainer:
         self.teacher = None
         self.learns_thumbnail = False
         self.phase1_iters = 0
+        self.adaptation = None
         if args.distill is None:
             return
         if args.teacher is None:
-            raise ValueError("--distill thumbdet needs --teacher CKPT: the full-size model the student learns from")
+            raise ValueError(f"--distill {args.distill} needs --teacher CKPT: the trained model the student learns "
+                             "from")
+        if args.distill in ("ld", "frs"):
+            self._setup_dense_distill(args, model)
+            return
         if not 0.0 <= args.downsample_phase < 1.0:
             raise ValueError(f"--downsample-phase must be in [0, 1), got {args.downsample_phase}")
         teacher, classes, _ = load_trained_model(args.teacher, "cpu", model_name=None if self.is_detr else args.model)
@@ -544,6 +586,51 @@ class Trainer:
         self.phase1_iters = round(args.downsample_phase * self.plan.total_iters)
         self.loss_keys = (*self.loss_keys, "loss_downsample", "loss_kd", "loss_fm")
 
+    def _setup_dense_distill(self, args, model) -> None:
+        """LD or FRS: the frozen teacher (any preset of the student's family with its levels, input size and
+        preprocessing; the student keeps its own initialisation) and, for FRS, the adaptation layer."""
+        from toolkit.distill.frs import FRS_WEIGHTS, FeatureAdaptation, FRSParams
+        from toolkit.distill.ld import LDParams
+
+        teacher, classes, teacher_name = load_trained_model(args.teacher, "cpu")
+        if list(classes) != list(self.classes):
+            raise ValueError(f"{args.teacher}: the teacher's classes {list(classes)} are not the dataset's "
+                             f"{list(self.classes)}")
+        if teacher_name not in INPUTS or find_thumbnailer(teacher) is not None:
+            raise ValueError(f"{args.teacher}: a {teacher_name} teacher; --distill {args.distill} needs a full-size "
+                             "model of the SSD family or a GFL head")
+        if INPUTS[teacher_name] != INPUTS[args.model]:
+            raise ValueError(f"{args.teacher}: the teacher ({teacher_name}) takes {INPUTS[teacher_name]}, the student "
+                             f"({args.model}) {INPUTS[args.model]}: both must see the same batch")
+        teacher_gfl = teacher_name in GFL_MODELS
+        if args.distill == "ld" and not teacher_gfl:
+            raise ValueError(f"{args.teacher}: --distill ld needs a teacher with a GFL head (gfl_* presets), not "
+                             f"{teacher_name}")
+        if args.distill == "frs" and teacher_gfl != self.is_gfl:
+            raise ValueError(f"{args.teacher}: --distill frs pairs heads of one kind; the student {args.model} has "
+                             f"{'a GFL' if self.is_gfl else 'an SSD'} head, the teacher {teacher_name} "
+                             f"{'a GFL' if teacher_gfl else 'an SSD'} one")
+        teacher.requires_grad_(False)
+        if args.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher.to(self.device).eval()
+        self.teacher_name = teacher_name
+        if args.distill == "ld":
+            self.ld_params = LDParams(temperature=args.ld_temperature, weight=args.ld_weight,
+                                      vlr_temperature=args.ld_temperature, vlr_weight=args.ld_vlr_weight,
+                                      kd_weight=args.ld_kd_weight)
+            self.loss_keys = (*self.loss_keys, "loss_ld", "loss_ld_vlr", "loss_kd")
+            return
+        kind = "sigmoid" if self.is_gfl else "softmax"
+        feat, cls = FRS_WEIGHTS[kind]
+        self.frs_params = FRSParams(feat if args.frs_feat_weight is None else args.frs_feat_weight,
+                                    cls if args.frs_cls_weight is None else args.frs_cls_weight, args.frs_warmup)
+        if self.frs_params.warmup_iters < 0:
+            raise ValueError(f"--frs-warmup must be >= 0, got {args.frs_warmup}")
+        # Created after the student, so that the student's initialisation is the undistilled run's.
+        self.adaptation = FeatureAdaptation(model.backbone.out_channels, teacher.backbone.out_channels)
+        self.loss_keys = (*self.loss_keys, "loss_frs_feat", "loss_frs_cls")
+
     # -- state
     def state(self) -> dict:
         return {
@@ -566,6 +653,8 @@ class Trainer:
             # A ThumbDet student's thumbnail: toolkit.evaluate and toolkit.predict rebuild it.
             "thumbnail": ({"scale": self.args.thumb_scale, "mode": self.args.thumb_mode}
                           if self.args.distill == "thumbdet" else None),
+            # FRS's adaptation layer: needed to resume, not to run the student.
+            "frs_adaptation": None if self.adaptation is None else self.adaptation.state_dict(),
         }
 
     def _resume(self, path: Path) -> None:
@@ -574,6 +663,10 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint is for model {ckpt['model_name']!r} with classes "
                              f"{ckpt['classes']}, not {self.args.model!r} / {list(self.classes)}")
         self.model.load_state_dict(ckpt["model"])
+        if self.adaptation is not None:
+            if ckpt.get("frs_adaptation") is None:
+                raise ValueError(f"{path}: no FRS adaptation layer to resume --distill frs")
+            self.adaptation.load_state_dict(ckpt["frs_adaptation"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.thumb_optimizer is not None:
@@ -618,15 +711,16 @@ class Trainer:
                 out = model(images)
         return _float_tree(out)
 
-    def _task_losses(self, out: dict, inputs, targets: list[dict]) -> dict:
-        """The detector's own loss: ``{"loss": weighted total, <components>}``."""
+    def _task_losses(self, out: dict, inputs, targets: list[dict], assigned=None) -> dict:
+        """The detector's own loss: ``{"loss": weighted total, <components>}`` (``assigned``: a GFL head's ATSS
+        assignment when LD has made it)."""
         if self.is_detr:
             from toolkit.models.detr.training import detr_targets
 
             losses = self.criterion(out, detr_targets(targets, self.device))
             return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.loss_keys[1:4]}}
         if self.is_gfl:  # targets in pixels of the network input; the assignment moves them to the device
-            return self.criterion(out, targets)
+            return gfl_loss(out, targets, self.criterion.params, assigned)
         norm_targets = normalized_targets(targets, tuple(inputs.shape[-2:]), self.device)
         return self.criterion(out["loc"], out["conf"], out["priors"], out["variances"], norm_targets)
 
@@ -653,15 +747,43 @@ class Trainer:
             losses["loss_fm"] = fm_loss(out["sources"], teacher["sources"])
         return losses
 
+    def _dense_distill_losses(self, out: dict, inputs, targets: list[dict], assigned) -> dict:
+        """LD's or FRS's terms, weighted, against the frozen teacher on the same batch."""
+        with torch.no_grad():
+            teacher = self._forward(self.teacher, inputs)
+        if self.args.distill == "ld":
+            from toolkit.distill.ld import ld_losses, vlr_regions
+
+            vlr = vlr_regions(out, targets, self.ld_params) if self.ld_params.vlr_weight else \
+                out["cls_logits"].new_zeros(out["cls_logits"].shape[:2])
+            return ld_losses(out, teacher, assigned, vlr, self.ld_params)
+        from toolkit.distill.frs import frs_losses, level_probabilities
+
+        per_cell = None if self.is_gfl else self.model.prior_generator.num_priors_per_cell()
+        student_probs = level_probabilities(out, per_cell)
+        teacher_probs = level_probabilities(teacher, None if self.is_gfl
+                                            else self.teacher.prior_generator.num_priors_per_cell())
+        feat, cls = frs_losses(self.adaptation_ddp(out["sources"]), teacher["sources"], student_probs, teacher_probs)
+        p = self.frs_params
+        ramp = min(1.0, self.iteration / p.warmup_iters) if p.warmup_iters else 1.0
+        return {"loss_frs_feat": ramp * p.feat_weight * feat, "loss_frs_cls": ramp * p.cls_weight * cls}
+
     def _micro_step(self, inputs, targets: list[dict], scale: float) -> dict:
         """Forward, losses and backward of one micro-batch; returns every logged loss as a tensor."""
         phase1 = self.teacher is not None and self.learns_thumbnail and self.iteration < self.phase1_iters
         out = self._forward(self.ddp, inputs)
         zero = torch.zeros((), device=self.device)
+        # LD and the GFL loss share one ATSS assignment.
+        assigned = gfl_targets(out, targets, self.criterion.params) if self.args.distill == "ld" else None
         # ThumbDet's first phase: the down-sample loss alone (the official criterion before DOWN_SAMPLE_EPOCH).
-        losses = dict.fromkeys(self.loss_keys, zero) if phase1 else self._task_losses(out, inputs, targets)
+        losses = dict.fromkeys(self.loss_keys, zero) if phase1 else self._task_losses(out, inputs, targets, assigned)
         total = zero if phase1 else losses["loss"]
-        if self.teacher is not None:
+        if self.args.distill in ("ld", "frs"):
+            extra = self._dense_distill_losses(out, inputs, targets, assigned)
+            losses.update(extra)
+            total = total + sum(extra.values())
+            losses["loss"] = total
+        elif self.teacher is not None:
             extra = self._distill_losses(out, inputs, phase1)
             losses.update(extra)
             total = total + sum(getattr(self.args, k[len("loss_"):] + "_weight") * v for k, v in extra.items())
@@ -752,12 +874,7 @@ class Trainer:
                  f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
                  f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
                  _solver_text(self.plan.solver),
-                 *([f"- distillation: ThumbDet from {self.args.teacher}, thumbnail {self.args.thumb_mode} "
-                    f"{self.args.thumb_scale}x, down-sampler alone for the first {self.phase1_iters} iterations"
-                    f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}"
-                    f"{thumb_adam}; weights down-sample "
-                    f"{self.args.downsample_weight}, KD {self.args.kd_weight}, FM {self.args.fm_weight}"]
-                   if self.teacher is not None else []),
+                 *([self._distill_text(thumb_adam)] if self.teacher is not None else []),
                  f"- wall time: {seconds / 60:.1f} min",
                  f"- final loss: {self.history[-1]['loss']:.4f}" if self.history else "- no iterations", ""]
         metrics = {"model": self.args.model, "dataset": self.args.dataset, "iterations": self.iteration,
@@ -776,6 +893,23 @@ class Trainer:
         (self.out / "report.md").write_text("\n".join(lines))
         if self.writer is not None:
             self.writer.close()
+
+    def _distill_text(self, thumb_adam: str) -> str:
+        """The report's line on the distillation."""
+        a = self.args
+        if a.distill == "ld":
+            p = self.ld_params
+            return (f"- distillation: LD from {a.teacher} ({self.teacher_name}), temperature {p.temperature}; "
+                    f"weights LD {p.weight}, LD-VLR {p.vlr_weight}, KD {p.kd_weight} "
+                    f"(temperature {p.kd_temperature})")
+        if a.distill == "frs":
+            p = self.frs_params
+            return (f"- distillation: FRS from {a.teacher} ({self.teacher_name}); weights feature {p.feat_weight}, "
+                    f"classification {p.cls_weight}, ramped up over {p.warmup_iters} iterations")
+        return (f"- distillation: ThumbDet from {a.teacher}, thumbnail {a.thumb_mode} {a.thumb_scale}x, down-sampler "
+                f"alone for the first {self.phase1_iters} iterations"
+                f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}{thumb_adam}; weights down-sample "
+                f"{a.downsample_weight}, KD {a.kd_weight}, FM {a.fm_weight}")
 
 
 def _solver_text(s: SolverPreset) -> str:

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from toolkit.distill.frs import class_probabilities, frs_losses, richness_mask
+from toolkit.distill.frs import (
+    FeatureAdaptation,
+    class_probabilities,
+    frs_losses,
+    head_kind,
+    level_probabilities,
+    richness_mask,
+)
 
 
 def test_softmax_heads_drop_the_background_and_sigmoid_heads_keep_every_class():
@@ -49,3 +56,46 @@ def test_frs_losses_by_hand():
     assert s_feat.grad is not None and p_s.grad is not None
     with pytest.raises(ValueError, match="level 0"):
         frs_losses([s_feat], [t_feat[..., :1]], [p_s], [p_t])
+
+
+def test_level_probabilities_of_the_two_head_kinds_against_loops():
+    gen = torch.Generator().manual_seed(0)
+    hws, per_cell, k = [(2, 3), (1, 1)], [2, 3], 4
+    # SSD head: conf (N, P, K), levels one after another, each cell's priors together; background at 0.
+    p = sum(h * w * a for (h, w), a in zip(hws, per_cell))
+    conf = torch.randn(2, p, k, generator=gen, dtype=torch.float64)
+    out = {"conf": conf, "sources": [torch.zeros(2, 1, h, w) for h, w in hws]}
+    assert head_kind(out) == "softmax"
+    maps = level_probabilities(out, per_cell)
+    row = 0
+    for (h, w), a, m in zip(hws, per_cell, maps):
+        assert m.shape == (2, a * (k - 1), h, w)
+        for y in range(h):
+            for x in range(w):
+                for prior in range(a):
+                    e = [math.exp(v) for v in conf[1, row].tolist()]
+                    want = [v / sum(e) for v in e[1:]]
+                    got = m[1, prior * (k - 1):(prior + 1) * (k - 1), y, x]
+                    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+                    row += 1
+    with pytest.raises(ValueError, match="priors per cell"):
+        level_probabilities(out)
+    # GFL head: cls_logits (N, P, C), one location per cell, sigmoid.
+    cls = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    gfl = {"cls_logits": cls, "feature_hws": hws}
+    assert head_kind(gfl) == "sigmoid"
+    maps = level_probabilities(gfl)
+    assert [tuple(m.shape) for m in maps] == [(2, 3, 2, 3), (2, 3, 1, 1)]
+    torch.testing.assert_close(maps[0][1, :, 1, 2], cls[1, 5].sigmoid())
+    torch.testing.assert_close(maps[1][0, :, 0, 0], cls[0, 6].sigmoid())
+    with pytest.raises(ValueError, match="GFL or SSD"):
+        head_kind({"pred_logits": cls})
+
+
+def test_feature_adaptation_maps_the_students_channels_to_the_teachers():
+    adapt = FeatureAdaptation([4, 8], [6, 6])
+    out = adapt([torch.zeros(1, 4, 5, 5), torch.zeros(1, 8, 2, 2)])
+    assert [tuple(o.shape) for o in out] == [(1, 6, 5, 5), (1, 6, 2, 2)]
+    assert all(c.kernel_size == (3, 3) and c.bias is not None for c in adapt.convs)
+    with pytest.raises(ValueError, match="feature levels"):
+        FeatureAdaptation([4], [6, 6])

@@ -80,6 +80,25 @@ def test_init_from_a_training_checkpoint_and_errors_name_the_source():
         init_from_checkpoint(target, broken, "d.pth")
 
 
+@pytest.mark.parametrize("name, head", [("dsod_tiny", "head.conf."), ("gfl_dsod_tiny", "head.cls.")])
+def test_init_from_a_training_checkpoint_with_other_classes_keeps_a_fresh_class_head(name, head):
+    torch.manual_seed(1)
+    source = build_model(name, 7)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)  # nothing at its initial value
+    target = build_model(name, 4)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    notes = init_from_checkpoint(target, {"model": source.state_dict(), "model_name": name}, "a.pth")
+    assert len(notes) == 1 and "class head" in notes[0] and head in notes[0]
+    src = source.state_dict()
+    for k, v in target.state_dict().items():
+        if k.startswith(head):
+            torch.testing.assert_close(v, fresh[k], rtol=0, atol=0, msg=k)
+        else:  # the backbone, the box head and any class towers (head.cls_towers.*) are loaded
+            torch.testing.assert_close(v, src[k], rtol=0, atol=0, msg=k)
+
+
 def test_train_init_from_a_converted_checkpoint(tmp_path):
     from toolkit import train as train_mod
     from toolkit.data.shapes import generate_shapes

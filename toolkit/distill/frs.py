@@ -12,14 +12,26 @@ and the levels are summed, as the official ``forward_train`` does.  For sigmoid 
 probabilities are the sigmoids of the class map; for the SSD family's softmax heads they are each prior's softmax
 without the background column (``kind="softmax"``), so that the mask means the same: how sure the teacher is
 that some object is there.
+
+In the toolkit the features are the detector's sources (the maps its head reads, before the head's L2Norm) and
+the student's go through FRS's adaptation layer (``ADAP``: a 3x3 convolution with a bias per level, no
+activation, trained with the student and kept out of its checkpoint's model); the teacher's levels must have the
+student's sizes.  The official weights: feature 0.1 and classification 0.05 for GFL (FRS's GFL config), 0.005 and
+0.02 for RetinaNet's anchor head, which the SSD heads take; both terms ramp up linearly over the first 500
+iterations (``distill_warm_step``: ``iteration / 500`` times the loss).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from toolkit.models.gfl import level_maps
+from toolkit.models.priors import prior_maps
 
 KINDS = ("sigmoid", "softmax")
 
@@ -71,3 +83,62 @@ def frs_losses(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[to
         bce = F.binary_cross_entropy(ps, pt, reduction="none")
         cls_loss = cls_loss + (bce * mask[:, None]).sum() / mask.sum()
     return feat_loss, cls_loss
+
+
+@dataclass(frozen=True)
+class FRSParams:
+    """FRS's configuration: the weights of the two terms (``None``: the official value for the head kind, see
+    :data:`FRS_WEIGHTS`) and the linear warm-up length in iterations."""
+
+    feat_weight: Optional[float] = None
+    cls_weight: Optional[float] = None
+    warmup_iters: int = 500
+
+
+# (feature, classification) weights of FRS's configs: GFL's for sigmoid GFL heads, RetinaNet's (the anchor head
+# with several anchors per location) for the SSD family's softmax heads.
+FRS_WEIGHTS = {"sigmoid": (0.1, 0.05), "softmax": (0.005, 0.02)}
+
+
+class FeatureAdaptation(nn.Module):
+    """FRS's ``ADAP``: per level, a 3x3 convolution (bias, no activation) from the student's channels to the
+    teacher's; ``forward(list of (B, C_s, H, W)) -> list of (B, C_t, H, W)``."""
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> None:
+        super().__init__()
+        if len(student_channels) != len(teacher_channels):
+            raise ValueError(f"the student has {len(student_channels)} feature levels, the teacher "
+                             f"{len(teacher_channels)}")
+        self.convs = nn.ModuleList(nn.Conv2d(s, t, 3, padding=1) for s, t in zip(student_channels, teacher_channels))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.convs, feats)]
+
+
+def head_kind(out: dict) -> str:
+    """``"sigmoid"`` for a GFL head's output (``cls_logits``), ``"softmax"`` for the SSD family's (``conf``)."""
+    if "cls_logits" in out:
+        return "sigmoid"
+    if "conf" in out:
+        return "softmax"
+    raise ValueError(f"FRS needs a GFL or SSD head's output; got keys {sorted(out)}")
+
+
+def level_probabilities(out: dict, priors_per_cell: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    """A detector's class maps as per-level foreground probabilities ``(B, A * C, H, W)`` (:func:`class_probabilities`).
+
+    Args:
+        out: a :class:`~toolkit.models.gfl.GFLDetector` output (``cls_logits`` ``(B, P, C)``, ``feature_hws``) or an
+            :class:`~toolkit.models.ssd.SSDDetector` one (``conf`` ``(B, P, K)`` with the background at 0,
+            ``sources`` for the level sizes).
+        priors_per_cell: the SSD head's priors per cell of each level.
+    """
+    kind = head_kind(out)
+    if kind == "sigmoid":
+        maps = level_maps(out["cls_logits"], out["feature_hws"])
+        return [class_probabilities(m, kind, m.shape[1]) for m in maps]
+    if priors_per_cell is None:
+        raise ValueError("an SSD head's class maps need its priors per cell")
+    shapes = [tuple(s.shape[-2:]) for s in out["sources"]]
+    k = out["conf"].shape[-1]
+    return [class_probabilities(m, kind, k) for m in prior_maps(out["conf"], shapes, priors_per_cell)]

@@ -30,6 +30,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from toolkit.models.priors import prior_maps
+
 THUMBDET_WEIGHTS = {"loss_downsample": 1.0, "loss_kd": 0.5, "loss_fm": 0.1}
 DOWNSAMPLE_EPOCHS_FRACTION = 5 / 50  # the paper's first phase
 
@@ -84,20 +86,6 @@ def fm_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence
     return sum(losses) / len(losses)
 
 
-def _prior_maps(conf: torch.Tensor, shapes: Sequence[Sequence[int]], per_cell: Sequence[int]) -> list[torch.Tensor]:
-    """SSD logits ``(N, P, C)`` (levels concatenated, each row-major cell then prior) -> per level
-    ``(N, A_l * C, h_l, w_l)``."""
-    n, total, c = conf.shape
-    counts = [h * w * a for (h, w), a in zip(shapes, per_cell)]
-    if sum(counts) != total:
-        raise ValueError(f"{total} priors, but the levels {list(shapes)} with {list(per_cell)} priors per cell hold "
-                         f"{sum(counts)}")
-    maps = []
-    for part, (h, w), a in zip(conf.split(counts, dim=1), shapes, per_cell):
-        maps.append(part.reshape(n, h, w, a * c).permute(0, 3, 1, 2))
-    return maps
-
-
 def ssd_kd_loss(student_conf: torch.Tensor, teacher_conf: torch.Tensor, student_shapes: Sequence[Sequence[int]],
                 teacher_shapes: Sequence[Sequence[int]], priors_per_cell: Sequence[int],
                 temperature: float = 1.0) -> torch.Tensor:
@@ -113,8 +101,8 @@ def ssd_kd_loss(student_conf: torch.Tensor, teacher_conf: torch.Tensor, student_
         student_shapes, teacher_shapes: ``(h, w)`` of each level's map.
         priors_per_cell: priors per cell of each level (the same for both).
     """
-    maps_s = _prior_maps(student_conf, student_shapes, priors_per_cell)
-    maps_t = _prior_maps(teacher_conf, teacher_shapes, priors_per_cell)
+    maps_s = prior_maps(student_conf, student_shapes, priors_per_cell)
+    maps_t = prior_maps(teacher_conf, teacher_shapes, priors_per_cell)
     n, c = student_conf.shape[0], student_conf.shape[2]
 
     def rows(m: torch.Tensor) -> torch.Tensor:

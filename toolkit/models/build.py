@@ -102,6 +102,12 @@ DSOD_TINY_PRIORS = _specs((8, 16, 32, 59, 86, 113, 140), (16, 32, 59, 86, 113, 1
                           ((), (2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), (4, 8, 16, 32, 53.3333, 80, 160))
 
 # ssd_tiny: 160x160 input, narrower VGG, three extra stages → sources 20, 10, 5, 3, 1.
+# The students of the distillation figures (issue 15): DSOD_TINY's layout (the same sources, strides and priors on
+# the same 160-pixel input, so teacher and student locations pair one to one) at about a quarter of its width.
+DSOD_NANO = DSODConfig(stem_channels=(16, 16, 24), growth_rate=8, bottleneck=32, block_layers=(1, 2, 2, 2),
+                       transition_channels=(32, 64, 96, 32), reuse_channels=32, extra_channels=(32, 16, 16, 16),
+                       fine_channels=16)
+
 SSD_TINY = VGGConfig(stages=(16, 32, 64, 96, 96), fc=128, fc6_dilation=3, extras=((32, 64), (32, 64), (32, 64)))
 SSD_TINY_PRIORS = _specs((16, 32, 59, 86, 113), (32, 59, 86, 113, 140), ((2,), (2, 3), (2, 3), (2, 3), (2,)),
                          (8, 16, 32, 53.3333, 160))
@@ -151,17 +157,19 @@ def build_gfl_dsod(num_classes: int, cfg: DSODConfig = DSODConfig(), image_size:
 
 
 # The GFL-head presets (toolkit.models.gfl): their own loss and post-processing (toolkit.train, toolkit.engine).
-GFL_MODELS = ("gfl_dsod300", "gfl_dsod_tiny")
+GFL_MODELS = ("gfl_dsod300", "gfl_dsod_tiny", "gfl_dsod_nano")
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "dsod300": lambda num_classes: build_dsod(num_classes),
     "ssd300": lambda num_classes: build_ssd_vgg(num_classes),
     "ssd_tiny": lambda num_classes: build_ssd_vgg(num_classes, SSD_TINY, 160, SSD_TINY_PRIORS),
     "dsod_tiny": lambda num_classes: build_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
+    "dsod_nano": lambda num_classes: build_dsod(num_classes, DSOD_NANO, 160, DSOD_TINY_PRIORS),
     "grp_dsod320": lambda num_classes: build_grp_dsod(num_classes),
     "grp_dsod_tiny": lambda num_classes: build_grp_dsod(num_classes, GRP_DSOD_TINY, 160, GRP_DSOD_TINY_PRIORS),
     "gfl_dsod300": lambda num_classes: build_gfl_dsod(num_classes),
     "gfl_dsod_tiny": lambda num_classes: build_gfl_dsod(num_classes, DSOD_TINY, 160, DSOD_TINY_PRIORS),
+    "gfl_dsod_nano": lambda num_classes: build_gfl_dsod(num_classes, DSOD_NANO, 160, DSOD_TINY_PRIORS),
 }
 
 
@@ -177,12 +185,14 @@ class InputSpec:
 INPUTS: dict[str, InputSpec] = {
     "dsod300": InputSpec(300, "dsod"),
     "dsod_tiny": InputSpec(160, "dsod"),
+    "dsod_nano": InputSpec(160, "dsod"),
     "ssd300": InputSpec(300, "ssd"),
     "ssd_tiny": InputSpec(160, "ssd"),
     "grp_dsod320": InputSpec(320, "dsod"),
     "grp_dsod_tiny": InputSpec(160, "dsod"),
     "gfl_dsod300": InputSpec(300, "dsod"),
     "gfl_dsod_tiny": InputSpec(160, "dsod"),
+    "gfl_dsod_nano": InputSpec(160, "dsod"),
 }
 
 

@@ -159,6 +159,11 @@ def converted_blobs(checkpoint: Mapping, source: str = "checkpoint") -> dict[str
     return {str(name): [torch.as_tensor(b).detach().cpu().numpy() for b in layer] for name, layer in blobs.items()}
 
 
+# The modules whose shapes depend on the number of classes: the SSD family's confidence convolutions and the GFL
+# head's class predictors (``head.cls.*``; its towers, ``head.cls_towers.*``, do not).
+CLASS_HEAD_PREFIXES = ("head.conf.", "head.cls.")
+
+
 def _class_dependent_paths(model: nn.Module, caffe_names: Mapping[str, Sequence[str]],
                            blobs: Mapping[str, Sequence[np.ndarray]]) -> list[str]:
     """Rename-table entries of the confidence head whose Caffe blobs do not fit the model
@@ -179,7 +184,8 @@ def init_from_checkpoint(model: nn.Module, checkpoint: Mapping, source: str = "c
     """Initialise a native detector from a converted Caffe checkpoint or a ``toolkit.train`` one
     (``python -m toolkit.train --init-from``).
 
-    Every tensor must fit, except the confidence head when the number of classes
+    Every tensor must fit, except the class head (:data:`CLASS_HEAD_PREFIXES`: SSD's
+    confidence convolutions, GFL's class predictors) when the number of classes
     differs: those layers keep their fresh initialisation (fine-tuning a VOC model
     on another label set).  Returns human-readable notes on what was skipped.
 
@@ -215,14 +221,15 @@ def init_from_checkpoint(model: nn.Module, checkpoint: Mapping, source: str = "c
                                     f"{len(missing)} tensor(s) missing (e.g. {missing[:3]}), "
                                     f"{len(unknown)} unknown (e.g. {unknown[:3]})")
         misfit = [k for k in state if tuple(incoming[k].shape) != tuple(state[k].shape)]
-        if any(not k.startswith("head.conf.") for k in misfit):
+        if any(not k.startswith(CLASS_HEAD_PREFIXES) for k in misfit):
             bad = [f"{k} {tuple(incoming[k].shape)} vs {tuple(state[k].shape)}" for k in misfit
-                   if not k.startswith("head.conf.")]
+                   if not k.startswith(CLASS_HEAD_PREFIXES)]
             raise CaffeWeightsError(f"{source}: shapes do not fit: {bad}")
         if misfit:
-            conf = [k for k in state if k.startswith("head.conf.")]
+            conf = [k for k in state if k.startswith(CLASS_HEAD_PREFIXES)]
             incoming = {k: v for k, v in incoming.items() if k not in conf}
-            notes.append("confidence head left at its initialisation (other number of classes)")
+            notes.append("class head left at its initialisation (other number of classes): "
+                         f"{sorted({k.rsplit('.', 1)[0] for k in conf})}")
         model.load_state_dict(incoming, strict=False)
         return notes
     raise CaffeWeightsError(f"{source}: neither a converted Caffe checkpoint nor a toolkit.train checkpoint")

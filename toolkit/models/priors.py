@@ -196,3 +196,21 @@ class PriorGenerator:
             raise ValueError(f"{len(self.specs)} prior specs but {len(feature_hws)} feature maps")
         parts = [prior_boxes(s, hw, image_hw) for s, hw in zip(self.specs, feature_hws)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def prior_maps(per_prior: torch.Tensor, shapes: Sequence[Sequence[int]], per_cell: Sequence[int]
+               ) -> list[torch.Tensor]:
+    """Per-prior outputs ``(N, P, C)`` of the SSD family (levels one after another, each row-major over its cells,
+    then the cell's priors) -> one map ``(N, A_l * C, h_l, w_l)`` per level (channels prior-major, as the head's
+    convolution wrote them).
+
+    Raises:
+        ValueError: levels of ``shapes`` and ``per_cell`` priors per cell that do not hold ``P`` priors.
+    """
+    n, total, c = per_prior.shape
+    counts = [h * w * a for (h, w), a in zip(shapes, per_cell)]
+    if sum(counts) != total:
+        raise ValueError(f"{total} priors, but the levels {list(shapes)} with {list(per_cell)} priors per cell hold "
+                         f"{sum(counts)}")
+    return [part.reshape(n, h, w, a * c).permute(0, 3, 1, 2)
+            for part, (h, w), a in zip(per_prior.split(counts, dim=1), shapes, per_cell)]
