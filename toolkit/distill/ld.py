@@ -56,7 +56,8 @@ class LDParams:
     Attributes:
         temperature, weight: the main-region LD term (``loss_ld``: T 10, weight 0.25).
         vlr_temperature, vlr_weight: the valuable-localization-region term (``loss_ld_vlr``: T 10, weight 0.25).
-        kd_temperature, kd_weight: KD of the class scores at the positives (``loss_kd``: T 2, weight 10).
+        kd_temperature, kd_weight: KD of the class scores at the positives (``loss_kd``: T 2, weight 10; the
+            trainer's ``--ld-kd-weight`` defaults to 1, see its help).
         vlr_lower: the region's lower DIoU bound as a fraction of the ATSS threshold (0.25).
         topk: ATSS candidates per level (the assignment's, 9).
     """
