@@ -598,7 +598,7 @@ class Trainer:
     def _setup_dense_distill(self, args, model) -> None:
         """LD or FRS: the frozen teacher (any preset of the student's family with its levels, input size and
         preprocessing; the student keeps its own initialisation) and, for FRS, the adaptation layer."""
-        from toolkit.distill.frs import FRS_WEIGHTS, FeatureAdaptation, FRSParams
+        from toolkit.distill.frs import FeatureAdaptation, FRSParams
         from toolkit.distill.ld import LDParams
 
         teacher, classes, teacher_name = load_trained_model(args.teacher, "cpu")
@@ -630,12 +630,10 @@ class Trainer:
                                       kd_weight=args.ld_kd_weight)
             self.loss_keys = (*self.loss_keys, "loss_ld", "loss_ld_vlr", "loss_kd")
             return
-        kind = "sigmoid" if self.is_gfl else "softmax"
-        feat, cls = FRS_WEIGHTS[kind]
-        self.frs_params = FRSParams(feat if args.frs_feat_weight is None else args.frs_feat_weight,
-                                    cls if args.frs_cls_weight is None else args.frs_cls_weight, args.frs_warmup)
-        if self.frs_params.warmup_iters < 0:
+        if args.frs_warmup < 0:
             raise ValueError(f"--frs-warmup must be >= 0, got {args.frs_warmup}")
+        self.frs_params = FRSParams.for_head("sigmoid" if self.is_gfl else "softmax", args.frs_feat_weight,
+                                             args.frs_cls_weight, args.frs_warmup)
         # Created after the student, so that the student's initialisation is the undistilled run's.
         self.adaptation = FeatureAdaptation(model.backbone.out_channels, teacher.backbone.out_channels)
         self.loss_keys = (*self.loss_keys, "loss_frs_feat", "loss_frs_cls")
@@ -774,7 +772,7 @@ class Trainer:
                                             else self.teacher.prior_generator.num_priors_per_cell())
         feat, cls = frs_losses(self.adaptation_ddp(out["sources"]), teacher["sources"], student_probs, teacher_probs)
         p = self.frs_params
-        ramp = min(1.0, self.iteration / p.warmup_iters) if p.warmup_iters else 1.0
+        ramp = p.ramp(self.iteration)
         return {"loss_frs_feat": ramp * p.feat_weight * feat, "loss_frs_cls": ramp * p.cls_weight * cls}
 
     def _micro_step(self, inputs, targets: list[dict], scale: float) -> dict:

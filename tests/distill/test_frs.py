@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from toolkit.distill.frs import (
+    FRS_WEIGHTS,
     FeatureAdaptation,
+    FRSParams,
     class_probabilities,
     frs_losses,
     head_kind,
@@ -99,3 +101,17 @@ def test_feature_adaptation_maps_the_students_channels_to_the_teachers():
     assert all(c.kernel_size == (3, 3) and c.bias is not None for c in adapt.convs)
     with pytest.raises(ValueError, match="feature levels"):
         FeatureAdaptation([4], [6, 6])
+
+
+def test_frs_params_take_each_heads_official_weights_and_ramp_linearly():
+    assert (FRSParams.for_head("sigmoid").feat_weight, FRSParams.for_head("sigmoid").cls_weight) == (0.1, 0.05)
+    assert (FRSParams.for_head("softmax").feat_weight, FRSParams.for_head("softmax").cls_weight) == (0.005, 0.02)
+    assert FRS_WEIGHTS["softmax"] == (0.005, 0.02)
+    mixed = FRSParams.for_head("softmax", cls_weight=3.0, warmup_iters=4)
+    assert (mixed.feat_weight, mixed.cls_weight) == (0.005, 3.0)
+    assert [mixed.ramp(i) for i in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
+    assert FRSParams(warmup_iters=0).ramp(0) == 1.0
+    with pytest.raises(ValueError, match="unknown FRS head"):
+        FRSParams.for_head("tanh")
+    with pytest.raises(ValueError, match="warm-up"):
+        FRSParams.for_head("sigmoid", warmup_iters=-1)

@@ -85,19 +85,39 @@ def frs_losses(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[to
     return feat_loss, cls_loss
 
 
-@dataclass(frozen=True)
-class FRSParams:
-    """FRS's configuration: the weights of the two terms (``None``: the official value for the head kind, see
-    :data:`FRS_WEIGHTS`) and the linear warm-up length in iterations."""
-
-    feat_weight: Optional[float] = None
-    cls_weight: Optional[float] = None
-    warmup_iters: int = 500
-
-
 # (feature, classification) weights of FRS's configs: GFL's for sigmoid GFL heads, RetinaNet's (the anchor head
 # with several anchors per location) for the SSD family's softmax heads.
 FRS_WEIGHTS = {"sigmoid": (0.1, 0.05), "softmax": (0.005, 0.02)}
+
+
+@dataclass(frozen=True)
+class FRSParams:
+    """FRS's configuration: the weights of the two terms and the linear warm-up length in iterations (GFL's
+    defaults; :meth:`for_head` picks a head kind's)."""
+
+    feat_weight: float = FRS_WEIGHTS["sigmoid"][0]
+    cls_weight: float = FRS_WEIGHTS["sigmoid"][1]
+    warmup_iters: int = 500
+
+    @classmethod
+    def for_head(cls, kind: str, feat_weight: Optional[float] = None, cls_weight: Optional[float] = None,
+                 warmup_iters: int = 500) -> "FRSParams":
+        """The official weights of head ``kind`` (:data:`FRS_WEIGHTS`) where a weight is ``None``.
+
+        Raises:
+            ValueError: an unknown kind or a negative warm-up.
+        """
+        if kind not in FRS_WEIGHTS:
+            raise ValueError(f"unknown FRS head kind {kind!r}; choose from {KINDS}")
+        if warmup_iters < 0:
+            raise ValueError(f"the FRS warm-up must be >= 0 iterations, got {warmup_iters}")
+        feat, cls_ = FRS_WEIGHTS[kind]
+        return cls(feat if feat_weight is None else feat_weight, cls_ if cls_weight is None else cls_weight,
+                   warmup_iters)
+
+    def ramp(self, iteration: int) -> float:
+        """FRS's ``distill_warm_step``: ``iteration / warmup_iters`` until the warm-up ends, then 1."""
+        return min(1.0, iteration / self.warmup_iters) if self.warmup_iters else 1.0
 
 
 class FeatureAdaptation(nn.Module):
