@@ -101,13 +101,13 @@ DSOD_TINY = DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48
 DSOD_TINY_PRIORS = _specs((8, 16, 32, 59, 86, 113, 140), (16, 32, 59, 86, 113, 140, 168),
                           ((), (2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), (4, 8, 16, 32, 53.3333, 80, 160))
 
-# ssd_tiny: 160x160 input, narrower VGG, three extra stages → sources 20, 10, 5, 3, 1.
 # The students of the distillation figures (issue 15): DSOD_TINY's layout (the same sources, strides and priors on
-# the same 160-pixel input, so teacher and student locations pair one to one) at about a quarter of its width.
+# the same 160-pixel input, so teacher and student locations pair one to one) at about a third of its parameters.
 DSOD_NANO = DSODConfig(stem_channels=(16, 16, 24), growth_rate=8, bottleneck=32, block_layers=(1, 2, 2, 2),
                        transition_channels=(32, 64, 96, 32), reuse_channels=32, extra_channels=(32, 16, 16, 16),
                        fine_channels=16)
 
+# ssd_tiny: 160x160 input, narrower VGG, three extra stages → sources 20, 10, 5, 3, 1.
 SSD_TINY = VGGConfig(stages=(16, 32, 64, 96, 96), fc=128, fc6_dilation=3, extras=((32, 64), (32, 64), (32, 64)))
 SSD_TINY_PRIORS = _specs((16, 32, 59, 86, 113), (32, 59, 86, 113, 140), ((2,), (2, 3), (2, 3), (2, 3), (2,)),
                          (8, 16, 32, 53.3333, 160))
