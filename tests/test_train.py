@@ -4,6 +4,7 @@ overfitting a few images, and DDP with two gloo processes equal to one process w
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 
@@ -401,3 +402,27 @@ def test_gfl_head_trains_evaluates_and_predicts(mini_shapes_root, train_tiny, tm
                            "--out", str(tmp_path / "thumb"), "--distill", "thumbdet", "--teacher", str(checkpoint),
                            "--no-progress"]) == 2
     assert "GFL head" in capsys.readouterr().err
+
+
+def test_detr_hybrid_matching_flags(data_root, tmp_path, capsys):
+    """--num-queries-one2many trains the extra queries with their own logged losses; the checkpoint keeps them and
+    detects with the one-to-one queries alone; the flag is refused where there is no Deformable DETR."""
+    from toolkit.engine import load_trained_model
+
+    out = tmp_path / "hybrid"
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_tiny", "--data-root", str(data_root),
+                           "--out", str(out), "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2",
+                           "--num-queries-one2many", "20", "--k-one2many", "2"]) == 0
+    history = _history(out)
+    assert all(math.isfinite(h["loss_ce_one2many"]) and h["loss_giou_one2many"] > 0 for h in history)
+    model, _, _ = load_trained_model(out / "checkpoint.pth")
+    assert model.query_embed.weight.shape[0] == 50 + 20 and not model.training
+    with torch.no_grad():
+        detections = model(torch.rand(1, 3, 128, 160))
+    assert detections["pred_logits"].shape[1] == 50 and "one2many" not in detections
+    capsys.readouterr()
+    assert train_mod.main(_args(data_root, tmp_path / "ssd", "--iters", "1", "--num-queries-one2many", "10")) == 2
+    assert "--num-queries-one2many (hybrid matching) is for Deformable DETR" in capsys.readouterr().err
+    assert train_mod.main(_args(data_root, tmp_path / "sparse", "--model", "sparse_detr_tiny", "--iters", "1",
+                                "--num-queries-one2many", "10")) == 2
+    assert "num_queries_one2many" in capsys.readouterr().err

@@ -178,6 +178,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="DETR: iterative box refinement (default: preset)")
     p.add_argument("--two-stage", action=argparse.BooleanOptionalAction, default=None,
                    help="DETR: two-stage queries from encoder proposals (default: preset)")
+    p.add_argument("--num-queries-one2many", type=int,
+                   help="Deformable DETR: H-DETR's hybrid matching, this many extra training-only queries matched "
+                        "one-to-many (H-DETR: 5x the queries; default: preset, 0 = off)")
+    p.add_argument("--k-one2many", type=int, default=6,
+                   help="hybrid matching: copies of each target the extra queries match (default 6, H-DETR's)")
+    p.add_argument("--lambda-one2many", type=float, default=1.0,
+                   help="hybrid matching: weight of the one-to-many losses (default 1, H-DETR's)")
     p.add_argument("--backbone-weights", type=Path,
                    help="DETR: a local torchvision ResNet state dict to start the backbone from (nothing is "
                         "downloaded)")
@@ -369,6 +376,8 @@ class Trainer:
                              f"(gfl_* presets), not {args.model}")
         if args.distill == "frs" and self.is_detr:
             raise ValueError(f"--distill frs is for the SSD family and the GFL head, not {args.model}")
+        if args.num_queries_one2many and not self.is_detr:
+            raise ValueError(f"--num-queries-one2many (hybrid matching) is for Deformable DETR, not {args.model}")
         if self.is_detr:
             model, s = self._setup_detr(args, preset, dist_info)
         else:
@@ -521,7 +530,7 @@ class Trainer:
         self._data(args, train_base, transform, DETRTestTransform(sizes.test_scale, sizes.max_size), collate_padded,
                    dist_info)
         cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
-                            two_stage=args.two_stage)
+                            two_stage=args.two_stage, num_queries_one2many=args.num_queries_one2many)
         if args.distill == "thumbdet":
             cfg = replace(cfg, thumb_scale=args.thumb_scale, thumb_mode=args.thumb_mode)
         from dataclasses import asdict
@@ -544,13 +553,17 @@ class Trainer:
                                       default_weight_dict(cfg.dec_layers, enc_layers=cfg.enc_layers,
                                                           sparse=cfg.family == "sparse",
                                                           use_enc_aux_loss=cfg.use_enc_aux_loss, rho=cfg.rho),
-                                      eff_specific_head=cfg.eff_specific_head)
+                                      eff_specific_head=cfg.eff_specific_head, k_one2many=args.k_one2many,
+                                      lambda_one2many=args.lambda_one2many)
         if args.nms != "greedy":
             raise ValueError(f"--nms {args.nms}: {args.model} has no NMS (the DETR family's post-processing is a "
                              "top-k)")
         self.post = None
         self.predict_fn = detr_predict
         self.loss_keys = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+        if cfg.num_queries_one2many and args.lambda_one2many:  # hybrid matching's last-layer terms, logged too
+            self.loss_keys += ("loss_ce_one2many", "loss_bbox_one2many", "loss_giou_one2many")
+        self.detr_task_keys = self.loss_keys[1:]
         return model, s
 
     def _setup_distill(self, args, model) -> None:
@@ -725,7 +738,7 @@ class Trainer:
             from toolkit.models.detr.training import detr_targets
 
             losses = self.criterion(out, detr_targets(targets, self.device))
-            return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.loss_keys[1:4]}}
+            return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.detr_task_keys}}
         if self.is_gfl:  # targets in pixels of the network input; the assignment moves them to the device
             return gfl_loss(out, targets, self.criterion.params, assigned)
         norm_targets = normalized_targets(targets, tuple(inputs.shape[-2:]), self.device)

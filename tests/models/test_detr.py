@@ -173,3 +173,49 @@ def test_rho_one_keeps_every_token():
         torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(a["enc_outputs"]["pred_boxes"], b["enc_outputs"]["pred_boxes"], rtol=1e-10,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_hybrid_matching_queries_leave_the_one_to_one_queries_alone(two_stage):
+    """H-DETR's extra queries: in training the one-to-one queries' outputs equal those of the same model without
+    them (the self-attention mask keeps the groups apart) and their loss gives the extra queries no gradient; in
+    eval mode the extra queries do not run."""
+    torch.manual_seed(0)
+    small = dict(num_classes=4, backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                 dim_feedforward=32, num_queries=6, dropout=0.0, with_box_refine=True, two_stage=two_stage)
+    hybrid = build_deformable_detr(DeformableDETRConfig(**small, num_queries_one2many=9)).double().train()
+    plain = build_deformable_detr(DeformableDETRConfig(**small)).double().train()
+    weights = hybrid.state_dict()
+    if not two_stage:
+        weights["query_embed.weight"] = weights["query_embed.weight"][:6]
+    plain.load_state_dict(weights)
+    images = torch.randn(2, 3, 96, 128, dtype=torch.float64)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 100:] = True
+    out, ref = hybrid(images, mask), plain(images, mask)
+    assert out["one2many"]["pred_logits"].shape == (2, 9, 4) and len(out["one2many"]["aux_outputs"]) == 1
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out["aux_outputs"][0][key], ref["aux_outputs"][0][key], rtol=1e-12, atol=1e-12)
+    assert out["decoder_attention"]["dec_locations"].shape[2] == 6
+    if not two_stage:
+        (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+        grad = hybrid.query_embed.weight.grad
+        assert grad[:6].abs().sum() > 0 and torch.count_nonzero(grad[6:]) == 0
+    hybrid.eval()
+    plain.eval()
+    with torch.no_grad():
+        out, ref = hybrid(images, mask), plain(images, mask)
+    assert "one2many" not in out and out["pred_logits"].shape == (2, 6, 4)
+    torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"], rtol=1e-12, atol=1e-12)
+
+
+def test_hybrid_matching_is_refused_where_it_is_not_built():
+    with pytest.raises(ValueError, match="num_queries_one2many"):
+        DeformableDETRConfig(family="sparse", two_stage=True, rho=0.1, num_queries_one2many=10)
+    with pytest.raises(ValueError, match="num_queries_one2many"):
+        DeformableDETRConfig(num_queries_one2many=-1)
+    with pytest.raises(ValueError, match="mixed_selection, look_forward_twice"):
+        DeformableDETRConfig.from_official_args({"mixed_selection": True, "look_forward_twice": True}, 91)
+    cfg = DeformableDETRConfig.from_official_args({"num_queries_one2one": 300, "num_queries_one2many": 1500}, 91)
+    assert (cfg.num_queries, cfg.num_queries_one2many) == (300, 1500)

@@ -103,3 +103,40 @@ def test_small_models_overfit_a_few_images(family, four_images):
     result, _ = evaluate_detector(model, FirstImages(dataset, 4), loader, None, torch.device("cpu"),
                                   predict_fn=detr_predict)
     assert result.mAP >= 0.9, result.ap
+
+
+def test_one_to_many_losses_match_every_target_k_times():
+    """H-DETR's one-to-many set: its losses are the plain criterion's on the ``one2many`` outputs against each
+    image's targets written out k times (normalized by k x the boxes), weighted lambda x the key's coefficient; each
+    target is matched by exactly k queries."""
+    g = torch.Generator().manual_seed(0)
+
+    def layer(queries):
+        return {"pred_logits": torch.randn(2, queries, 3, generator=g, dtype=torch.float64),
+                "pred_boxes": torch.rand(2, queries, 4, generator=g, dtype=torch.float64) * 0.4 + 0.1}
+
+    outputs = {**layer(5), "aux_outputs": [layer(5)], "one2many": {**layer(12), "aux_outputs": [layer(12)]}}
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.1], [0.6, 0.5, 0.3, 0.3]],
+                                                                      dtype=torch.float64)},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]], dtype=torch.float64)}]
+    k, lam = 3, 0.5
+    weights = default_weight_dict(2)
+    criterion = SetCriterion(3, HungarianMatcher(2, 5, 2), weights, k_one2many=k, lambda_one2many=lam)
+    losses = criterion(outputs, targets)
+
+    written_out = [{"labels": torch.cat([t["labels"]] * k), "boxes": torch.cat([t["boxes"]] * k)} for t in targets]
+    plain = SetCriterion(3, HungarianMatcher(2, 5, 2), weights)
+    many = plain(outputs["one2many"], written_out, num_boxes=3.0 * k)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"):
+        assert losses[f"{key}_one2many"].item() == pytest.approx(many[key].item(), rel=1e-12)
+    one = plain({k_: v for k_, v in outputs.items() if k_ != "one2many"}, targets)
+    total = sum(weights[key] * (one[key] + lam * many[key]) for key in weights if key in one)
+    assert criterion.total_loss(losses).item() == pytest.approx(total.item(), rel=1e-12)
+    assert "loss_ce_enc_one2many" not in criterion.weight_dict
+    for (rows, cols), t in zip(plain.matcher(outputs["one2many"], written_out), targets):
+        assert torch.bincount(cols % len(t["labels"]), minlength=len(t["labels"])).tolist() == [k] * len(t["labels"])
+        assert len(set(rows.tolist())) == len(rows)
+    assert not any(key.endswith("_one2many") for key in SetCriterion(3, HungarianMatcher(2, 5, 2), weights,
+                                                                      lambda_one2many=0)(outputs, targets))
+    with pytest.raises(ValueError, match="k_one2many"):
+        SetCriterion(3, HungarianMatcher(2, 5, 2), weights, k_one2many=0)

@@ -21,6 +21,12 @@ against the top tokens of the decoder attention map
 (:mod:`toolkit.models.detr.dam`), as many per image as the encoder kept; the
 share of decoder attention on the kept tokens is logged as ``corr_*``.
 
+H-DETR's hybrid matching (HDETR/H-Deformable-DETR ``engine.train_hybrid``): when
+the outputs carry a ``one2many`` set, the same decoder losses are computed on it
+against every target repeated ``k_one2many`` times (so up to ``k`` queries match
+each object), normalized by the repeated count, under ``<key>_one2many`` and
+weighted ``lambda_one2many`` times the key's own coefficient.
+
 Returns a dict with the official keys (``_<i>`` for auxiliary layer ``i``, ``_enc``
 for the encoder).  ``weight_dict`` gives the coefficients the total loss uses
 (``total_loss``).
@@ -50,6 +56,15 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: f
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.mean(1).sum() / num_boxes
+
+
+def _decoder_key(key: str) -> bool:
+    """Whether ``key`` names a decoder layer's loss (``loss_ce``, ``loss_bbox``, ``loss_giou``, or one ``_<i>``)."""
+    base, _, layer = key.rpartition("_")
+    return key in _DECODER_LOSSES or (base in _DECODER_LOSSES and layer.isdigit())
+
+
+_DECODER_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def default_weight_dict(dec_layers: int = 6, cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0,
@@ -83,16 +98,28 @@ class SetCriterion(nn.Module):
         focal_alpha: the focal loss's alpha.
         eff_specific_head: Sparse DETR's class-specific proposal head: the two-stage proposals are matched and
             scored with the real labels (else class-agnostically, every target as class 0).
+        k_one2many: hybrid matching: copies of each target the ``one2many`` queries are matched to (H-DETR: 6).
+        lambda_one2many: hybrid matching: the one-to-many losses' weight relative to their one-to-one keys'
+            (H-DETR: 1); 0 leaves a ``one2many`` output unscored.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Mapping[str, float],
-                 focal_alpha: float = 0.25, eff_specific_head: bool = False) -> None:
+                 focal_alpha: float = 0.25, eff_specific_head: bool = False, k_one2many: int = 6,
+                 lambda_one2many: float = 1.0) -> None:
         super().__init__()
+        if k_one2many < 1 or lambda_one2many < 0:
+            raise ValueError(f"k_one2many must be >= 1 and lambda_one2many >= 0, got {k_one2many} and "
+                             f"{lambda_one2many}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
+        if lambda_one2many:  # the decoder's keys: loss_ce, loss_bbox, loss_giou and their _<i>
+            self.weight_dict.update({f"{k}_one2many": w * lambda_one2many for k, w in weight_dict.items()
+                                     if _decoder_key(k)})
         self.focal_alpha = focal_alpha
         self.eff_specific_head = eff_specific_head
+        self.k_one2many = k_one2many
+        self.lambda_one2many = lambda_one2many
 
     @staticmethod
     def _matched(indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,16 +206,27 @@ class SetCriterion(nn.Module):
             world = dist.get_world_size()
         return torch.clamp(count / world, min=1).item()
 
-    def forward(self, outputs: dict, targets: Sequence[dict], num_boxes: Optional[float] = None) -> dict:
-        """Every loss of ``outputs`` (a DETR output dict) against ``targets`` (per image ``labels`` int64 ``(T,)``,
-        ``boxes`` ``(T, 4)`` cxcywh normalized)."""
-        if num_boxes is None:
-            num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+    def _decoder_losses(self, outputs: dict, targets: Sequence[dict], num_boxes: float) -> dict:
+        """The last layer's losses (with the logged errors) and every auxiliary layer's (``_<i>``)."""
         final = {k: v for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
         losses = self._all_losses(final, targets, self.matcher(final, targets), num_boxes, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             layer = self._all_losses(aux, targets, self.matcher(aux, targets), num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in layer.items()})
+        return losses
+
+    def forward(self, outputs: dict, targets: Sequence[dict], num_boxes: Optional[float] = None) -> dict:
+        """Every loss of ``outputs`` (a DETR output dict) against ``targets`` (per image ``labels`` int64 ``(T,)``,
+        ``boxes`` ``(T, 4)`` cxcywh normalized)."""
+        if num_boxes is None:
+            num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self._decoder_losses(outputs, targets, num_boxes)
+        if "one2many" in outputs and self.lambda_one2many:
+            k = self.k_one2many
+            repeated = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            many = self._decoder_losses(outputs["one2many"], repeated,
+                                        self.num_boxes(repeated, outputs["pred_logits"].device))
+            losses.update({f"{key}_one2many": v for key, v in many.items()})
         if "backbone_topk_proposals" in outputs:
             attention = self.attention_map(outputs)
             losses.update(self.attention_correlation(outputs, attention))

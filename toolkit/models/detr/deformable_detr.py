@@ -73,6 +73,9 @@ class DeformableDETRConfig:
     # down-sampler (thumb_mode "learned") or by bicubic resizing (the baseline); 1: the full image.
     thumb_scale: int = 1
     thumb_mode: str = "learned"
+    # H-DETR's hybrid matching (HDETR/H-Deformable-DETR, --num_queries_one2many): extra queries, trained only, with
+    # one-to-many matching; 0: none.
+    num_queries_one2many: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in ("deformable", "sparse"):
@@ -86,6 +89,9 @@ class DeformableDETRConfig:
         if self.thumb_scale not in (1, 2, 4) or self.thumb_mode not in ("learned", "bicubic"):
             raise ValueError(f"thumb_scale must be 1, 2 or 4 and thumb_mode 'learned' or 'bicubic', got "
                              f"{self.thumb_scale} and {self.thumb_mode!r}")
+        if self.num_queries_one2many < 0 or (self.num_queries_one2many and self.family != "deformable"):
+            raise ValueError(f"num_queries_one2many (hybrid matching) must be >= 0 and is for Deformable DETR "
+                             f"(family 'deformable'), got {self.num_queries_one2many} with family {self.family!r}")
 
     @classmethod
     def from_official_args(cls, args: Mapping, num_classes: int, thumb_scale: int = 1) -> "DeformableDETRConfig":
@@ -103,6 +109,9 @@ class DeformableDETRConfig:
             unsupported.append(f"position_embedding {args.get('position_embedding')!r}")
         if not str(args.get("backbone", "resnet50")).startswith("resnet"):
             unsupported.append(f"backbone {args.get('backbone')!r} (ResNet backbones only)")
+        for trick in ("mixed_selection", "look_forward_twice"):  # H-DETR's other options
+            if args.get(trick):
+                unsupported.append(trick)
         if unsupported:
             raise ValueError(f"unsupported official arguments: {', '.join(unsupported)}")
         known = {f.name for f in fields(cls)}
@@ -112,6 +121,8 @@ class DeformableDETRConfig:
         values = {k: v for k, v in args.items() if k in known and k not in ("num_classes", "family",
                                                                              "backbone_from_scratch", "thumb_scale",
                                                                              "thumb_mode")}
+        if "num_queries_one2one" in args:  # H-DETR names the one-to-one queries so
+            values["num_queries"] = args["num_queries_one2one"]
         return cls(**values, num_classes=num_classes, family=family, thumb_scale=thumb_scale)
 
 
@@ -130,20 +141,25 @@ class DeformableDETR(nn.Module):
         family: ``"deformable"`` or ``"sparse"``: how the heads are wired into the transformer.  Sparse DETR
             gives the decoder the box heads whenever it is two-stage (iterative refinement), and with
             ``transformer.use_enc_aux_loss`` one extra pair of heads per encoder layer but the last.
+        num_queries_one2many: H-DETR's hybrid matching: in training mode, this many more queries (learned, or
+            two-stage, the next-best proposals) run after the ``num_queries`` ones, and the decoder's
+            self-attention keeps the two groups apart; their predictions come back under ``"one2many"`` for a
+            one-to-many loss.  In eval mode only the ``num_queries`` run, so the model detects as one without them.
     """
 
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False, family: str = "deformable") -> None:
+                 two_stage: bool = False, family: str = "deformable", num_queries_one2many: int = 0) -> None:
         super().__init__()
         self.num_queries = num_queries
+        self.num_queries_one2many = num_queries_one2many
         self.transformer = transformer
         hidden = transformer.d_model
         class_embed = nn.Linear(hidden, num_classes)
         bbox_embed = MLP(hidden, hidden, 4, 3)
         self.num_feature_levels = num_feature_levels
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden * 2)
+            self.query_embed = nn.Embedding(num_queries + num_queries_one2many, hidden * 2)
         projections = []
         channels = backbone.num_channels
         for c in channels if num_feature_levels > 1 else channels[:1]:
@@ -205,7 +221,9 @@ class DeformableDETR(nn.Module):
             ``{"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) cxcywh normalized, "aux_outputs": [{...}] for
             decoder layers 0..L-2, "enc_outputs": {...} (two-stage, one per encoder token), "srcs": the backbone's
             features [(B, C_l, h_l, w_l)] (ThumbDet's feature distillation pairs them)}``; with a thumbnail also
-            ``"src_input"`` (the [0, 1] RGB input) and ``"downsample_input"`` (the thumbnail, [0, 1] RGB).
+            ``"src_input"`` (the [0, 1] RGB input) and ``"downsample_input"`` (the thumbnail, [0, 1] RGB); hybrid
+            matching in training mode: ``"one2many": {"pred_logits": (B, Q', K), "pred_boxes": (B, Q', 4),
+            "aux_outputs": [...]}`` for the ``Q' = num_queries_one2many`` extra queries.
         """
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
@@ -219,8 +237,15 @@ class DeformableDETR(nn.Module):
             srcs.append(src)
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))
-        query_embed = None if self.two_stage else self.query_embed.weight
-        t = self.transformer(srcs, masks, pos, query_embed)
+        q = self.num_queries
+        total = q + self.num_queries_one2many if self.training else q
+        query_embed = None if self.two_stage else self.query_embed.weight[:total]
+        attn_mask = None
+        if total > q:  # the one-to-one and one-to-many queries do not see each other (H-DETR)
+            attn_mask = torch.zeros(total, total, dtype=torch.bool, device=images.device)
+            attn_mask[q:, :q] = True
+            attn_mask[:q, q:] = True
+        t = self.transformer(srcs, masks, pos, query_embed, self_attn_mask=attn_mask, num_proposals=total)
 
         classes, coords = [], []
         for layer in range(t["hs"].shape[0]):
@@ -232,7 +257,12 @@ class DeformableDETR(nn.Module):
                 delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             classes.append(self.class_embed[layer](t["hs"][layer]))
             coords.append(delta.sigmoid())
-        out = {"pred_logits": classes[-1], "pred_boxes": coords[-1], "srcs": [f for f, _ in levels], **thumbnail}
+        out = {}
+        if total > q:
+            many = [{"pred_logits": c[:, q:], "pred_boxes": b[:, q:]} for c, b in zip(classes, coords)]
+            out["one2many"] = {**many[-1], "aux_outputs": many[:-1] if self.aux_loss else []}
+            classes, coords = [c[:, :q] for c in classes], [b[:, :q] for b in coords]
+        out.update(pred_logits=classes[-1], pred_boxes=coords[-1], srcs=[f for f, _ in levels], **thumbnail)
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
         if self.two_stage:
@@ -244,8 +274,9 @@ class DeformableDETR(nn.Module):
             out["aux_outputs_enc"] = [{"pred_logits": c, "pred_boxes": b}
                                       for c, b in zip(t["enc_aux_classes"], t["enc_aux_boxes"])]
         # Where the decoder looked: Sparse DETR's decoder attention map (the scoring network's target) uses it.
-        out["decoder_attention"] = {k: t[k] for k in ("dec_locations", "dec_weights", "spatial_shapes",
-                                                      "level_start_index", "padding_mask")}
+        out["decoder_attention"] = {k: t[k] for k in ("spatial_shapes", "level_start_index", "padding_mask")}
+        out["decoder_attention"].update(dec_locations=t["dec_locations"][:, :, :q],
+                                        dec_weights=t["dec_weights"][:, :, :q])
         return out
 
 
@@ -263,7 +294,7 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
                                         cfg.enc_n_points, cfg.two_stage, cfg.num_queries, cfg.rho,
                                         cfg.use_enc_aux_loss, cfg.eff_query_init, cfg.eff_specific_head)
     return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
-                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family)
+                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family, cfg.num_queries_one2many)
 
 
 def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:

@@ -178,11 +178,13 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None):
-        """``tgt``, ``query_pos`` ``(B, Q, C)``; ``reference_points`` ``(B, Q, L, 2 or 4)`` -> ``(tgt (B, Q, C),
+    def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None,
+                self_attn_mask=None):
+        """``tgt``, ``query_pos`` ``(B, Q, C)``; ``reference_points`` ``(B, Q, L, 2 or 4)``; ``self_attn_mask``
+        bool ``(Q, Q)``, True where a query may not attend to another (None: all may) -> ``(tgt (B, Q, C),
         the cross-attention's sampling locations (B, Q, M, L, P, 2) and weights (B, Q, M, L, P))``."""
         q = k = (tgt + query_pos).transpose(0, 1)
-        attended = self.self_attn(q, k, tgt.transpose(0, 1))[0].transpose(0, 1)
+        attended = self.self_attn(q, k, tgt.transpose(0, 1), attn_mask=self_attn_mask)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended, locations, weights = self.cross_attn(tgt + query_pos, reference_points, src, spatial_shapes,
                                                        level_start_index, padding_mask, return_sampling=True)
@@ -204,7 +206,7 @@ class DeformableDecoder(nn.Module):
         self.class_embed: Optional[nn.ModuleList] = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios, query_pos,
-                padding_mask=None):
+                padding_mask=None, self_attn_mask=None):
         """Returns every layer's output ``(num_layers, B, Q, C)``, reference points ``(num_layers, B, Q, 2|4)``,
         and its cross-attention's sampling locations ``(B, num_layers, Q, M, L, P, 2)`` and weights
         ``(B, num_layers, Q, M, L, P)``."""
@@ -215,7 +217,7 @@ class DeformableDecoder(nn.Module):
             else:
                 scaled = reference_points[:, :, None] * valid_ratios[:, None]
             tgt, locations, weights = layer(tgt, query_pos, scaled, src, spatial_shapes, level_start_index,
-                                            padding_mask)
+                                            padding_mask, self_attn_mask)
             all_locations.append(locations)
             all_weights.append(weights)
             if self.bbox_embed is not None:
@@ -341,12 +343,16 @@ class DeformableTransformer(nn.Module):
             memory = self.enc_output_norm(self.enc_output(memory))
         return memory, proposals
 
-    def forward(self, srcs, masks, pos_embeds, query_embed: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, srcs, masks, pos_embeds, query_embed: Optional[torch.Tensor] = None,
+                self_attn_mask: Optional[torch.Tensor] = None, num_proposals: Optional[int] = None) -> dict:
         """Encode the levels and decode the queries.
 
         Args:
             srcs: per level ``(B, C, H_l, W_l)``; masks: bool ``(B, H_l, W_l)``, True on padding; pos_embeds: like srcs.
             query_embed: ``(Q, 2C)`` (position half, content half); None with two-stage.
+            self_attn_mask: bool ``(Q, Q)`` for the decoder's self-attention, True where a query may not attend
+                to another (hybrid matching keeps its query groups apart); None: no mask.
+            num_proposals: two-stage: proposals that become queries (None: ``two_stage_num_proposals``).
         Returns:
             ``hs`` (num_decoder_layers, B, Q, C), ``init_reference`` (B, Q, 2|4), ``references`` (per layer);
             two-stage: ``enc_class`` (B, S, K) and ``enc_coord_unact`` (B, S, 4); Sparse DETR:
@@ -397,7 +403,7 @@ class DeformableTransformer(nn.Module):
             enc_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             enc_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + proposals
             scores = enc_class.topk(1, dim=2).values[..., 0] if self.eff_specific_head else enc_class[..., 0]
-            topk = torch.topk(scores, self.two_stage_num_proposals, dim=1)[1]
+            topk = torch.topk(scores, num_proposals or self.two_stage_num_proposals, dim=1)[1]
             topk_coords = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).repeat(1, 1, 4)).detach()
             reference_points = topk_coords.sigmoid()
             pos_trans = self.pos_trans_norm(self.pos_trans(self.proposal_position_encoding(topk_coords,
@@ -414,7 +420,8 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
         hs, references, locations, weights = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                                          level_start_index, valid_ratios, query_pos, padding)
+                                                          level_start_index, valid_ratios, query_pos, padding,
+                                                          self_attn_mask)
         out.update(hs=hs, init_reference=reference_points, references=references, dec_locations=locations,
                    dec_weights=weights)
         return out
