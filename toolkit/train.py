@@ -185,6 +185,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="hybrid matching: copies of each target the extra queries match (default 6, H-DETR's)")
     p.add_argument("--lambda-one2many", type=float, default=1.0,
                    help="hybrid matching: weight of the one-to-many losses (default 1, H-DETR's)")
+    p.add_argument("--look-forward-twice", action=argparse.BooleanOptionalAction, default=None,
+                   help="Deformable DETR with box refinement: each layer's box loss also trains the previous layer's "
+                        "box head (H-DETR's option; default: preset)")
     p.add_argument("--backbone-weights", type=Path,
                    help="DETR: a local torchvision ResNet state dict to start the backbone from (nothing is "
                         "downloaded)")
@@ -530,7 +533,8 @@ class Trainer:
         self._data(args, train_base, transform, DETRTestTransform(sizes.test_scale, sizes.max_size), collate_padded,
                    dist_info)
         cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
-                            two_stage=args.two_stage, num_queries_one2many=args.num_queries_one2many)
+                            two_stage=args.two_stage, num_queries_one2many=args.num_queries_one2many,
+                            look_forward_twice=args.look_forward_twice)
         if args.distill == "thumbdet":
             cfg = replace(cfg, thumb_scale=args.thumb_scale, thumb_mode=args.thumb_mode)
         from dataclasses import asdict

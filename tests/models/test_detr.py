@@ -215,7 +215,29 @@ def test_hybrid_matching_is_refused_where_it_is_not_built():
         DeformableDETRConfig(family="sparse", two_stage=True, rho=0.1, num_queries_one2many=10)
     with pytest.raises(ValueError, match="num_queries_one2many"):
         DeformableDETRConfig(num_queries_one2many=-1)
-    with pytest.raises(ValueError, match="mixed_selection, look_forward_twice"):
+    with pytest.raises(ValueError, match="unsupported official arguments: mixed_selection"):
         DeformableDETRConfig.from_official_args({"mixed_selection": True, "look_forward_twice": True}, 91)
-    cfg = DeformableDETRConfig.from_official_args({"num_queries_one2one": 300, "num_queries_one2many": 1500}, 91)
-    assert (cfg.num_queries, cfg.num_queries_one2many) == (300, 1500)
+    cfg = DeformableDETRConfig.from_official_args({"num_queries_one2one": 300, "num_queries_one2many": 1500,
+                                                   "look_forward_twice": True}, 91)
+    assert (cfg.num_queries, cfg.num_queries_one2many, cfg.look_forward_twice) == (300, 1500, True)
+
+
+def test_look_forward_twice_changes_the_gradients_not_the_outputs():
+    """With box refinement, layer 1's boxes start from layer 0's refined boxes: with look_forward_twice their loss
+    reaches layer 0's box head through that start (H-DETR); without, it does not.  The outputs are the same."""
+    torch.manual_seed(0)
+    small = dict(num_classes=4, backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                 dim_feedforward=32, num_queries=5, dropout=0.0, with_box_refine=True)
+    models = {flag: build_deformable_detr(DeformableDETRConfig(**small, look_forward_twice=flag)).double()
+              for flag in (False, True)}
+    models[True].load_state_dict(models[False].state_dict())
+    images = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    grads, boxes = {}, {}
+    for flag, model in models.items():
+        out = model(images)
+        out["pred_boxes"].sum().backward()  # the last (second) layer's boxes only
+        grads[flag] = model.bbox_embed[0].layers[-1].weight.grad
+        boxes[flag] = out["pred_boxes"].detach()
+    torch.testing.assert_close(boxes[True], boxes[False], rtol=0, atol=0)
+    assert grads[False] is None or torch.count_nonzero(grads[False]) == 0
+    assert grads[True].abs().sum() > 0

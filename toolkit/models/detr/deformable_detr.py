@@ -76,6 +76,8 @@ class DeformableDETRConfig:
     # H-DETR's hybrid matching (HDETR/H-Deformable-DETR, --num_queries_one2many): extra queries, trained only, with
     # one-to-many matching; 0: none.
     num_queries_one2many: int = 0
+    # H-DETR's --look_forward_twice: a layer's refined boxes reach the next layer's predictions with their gradient.
+    look_forward_twice: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ("deformable", "sparse"):
@@ -109,9 +111,8 @@ class DeformableDETRConfig:
             unsupported.append(f"position_embedding {args.get('position_embedding')!r}")
         if not str(args.get("backbone", "resnet50")).startswith("resnet"):
             unsupported.append(f"backbone {args.get('backbone')!r} (ResNet backbones only)")
-        for trick in ("mixed_selection", "look_forward_twice"):  # H-DETR's other options
-            if args.get(trick):
-                unsupported.append(trick)
+        if args.get("mixed_selection"):  # H-DETR's two-stage option
+            unsupported.append("mixed_selection")
         if unsupported:
             raise ValueError(f"unsupported official arguments: {', '.join(unsupported)}")
         known = {f.name for f in fields(cls)}
@@ -292,7 +293,8 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                                         cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,
                                         cfg.enc_n_points, cfg.two_stage, cfg.num_queries, cfg.rho,
-                                        cfg.use_enc_aux_loss, cfg.eff_query_init, cfg.eff_specific_head)
+                                        cfg.use_enc_aux_loss, cfg.eff_query_init, cfg.eff_specific_head,
+                                        cfg.look_forward_twice)
     return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
                           cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family, cfg.num_queries_one2many)
 

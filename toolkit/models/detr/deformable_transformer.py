@@ -195,12 +195,15 @@ class DeformableDecoderLayer(nn.Module):
 
 class DeformableDecoder(nn.Module):
     """Decoder layers; with box refinement (``bbox_embed`` set by the detector) each layer's box head moves the
-    reference points of the next, through a detached inverse-sigmoid update."""
+    reference points of the next, through a detached inverse-sigmoid update.  ``look_forward_twice`` (H-DETR's
+    option, from DINO): the returned references are the refined boxes before the detach, so the next layer's box
+    loss also reaches this layer's box head (the next layer's input stays detached)."""
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int) -> None:
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, look_forward_twice: bool = False) -> None:
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
         # Set by DeformableDETR: the official "hack" keeps the detector's heads here too (and so in the state dict).
         self.bbox_embed: Optional[nn.ModuleList] = None
         self.class_embed: Optional[nn.ModuleList] = None
@@ -229,7 +232,8 @@ class DeformableDecoder(nn.Module):
                                         -1).sigmoid()
                 reference_points = refined.detach()
             outputs.append(tgt)
-            references.append(reference_points)
+            references.append(refined if self.look_forward_twice and self.bbox_embed is not None
+                              else reference_points)
         return (torch.stack(outputs), torch.stack(references), torch.stack(all_locations, dim=1),
                 torch.stack(all_weights, dim=1))
 
@@ -247,13 +251,15 @@ class DeformableTransformer(nn.Module):
         use_enc_aux_loss: Sparse DETR's detection heads on encoder layers (set by the detector).
         eff_query_init: two-stage queries' content from the selected memory, position from the proposals.
         eff_specific_head: rank proposals by their best class score (else the first class's).
+        look_forward_twice: see :class:`DeformableDecoder` (needs the detector's box refinement to matter).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 1024, dropout: float = 0.1, num_feature_levels: int = 4,
                  dec_n_points: int = 4, enc_n_points: int = 4, two_stage: bool = False,
                  two_stage_num_proposals: int = 300, rho: float = 0.0, use_enc_aux_loss: bool = False,
-                 eff_query_init: bool = False, eff_specific_head: bool = False) -> None:
+                 eff_query_init: bool = False, eff_specific_head: bool = False,
+                 look_forward_twice: bool = False) -> None:
         super().__init__()
         if (rho or use_enc_aux_loss or eff_query_init) and not two_stage:
             raise ValueError("Sparse DETR's rho, use_enc_aux_loss and eff_query_init need two_stage (the proposal "
@@ -268,8 +274,9 @@ class DeformableTransformer(nn.Module):
         self.enc_mask_predictor = MaskPredictor(d_model, d_model) if rho else None
         self.encoder = DeformableEncoder(DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                                                 nhead, enc_n_points), num_encoder_layers)
-        self.decoder = DeformableDecoder(DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                                                nhead, dec_n_points), num_decoder_layers)
+        decoder_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
+                                               dec_n_points)
+        self.decoder = DeformableDecoder(decoder_layer, num_decoder_layers, look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)

@@ -57,7 +57,7 @@ DETR_PRESETS: dict[str, DETRPreset] = {
 
 
 def preset_config(name: str, num_classes: int, *, rho=None, with_box_refine=None, two_stage=None,
-                  num_queries_one2many=None) -> DeformableDETRConfig:
+                  num_queries_one2many=None, look_forward_twice=None) -> DeformableDETRConfig:
     """The preset's configuration for ``num_classes`` (the dataset's foreground classes), flags applied.
 
     Raises:
@@ -68,7 +68,8 @@ def preset_config(name: str, num_classes: int, *, rho=None, with_box_refine=None
         raise KeyError(f"unknown DETR preset {name!r}; choose from {sorted(DETR_PRESETS)}")
     cfg = replace(DETR_PRESETS[name].config, num_classes=num_classes)
     changes = {k: v for k, v in (("rho", rho), ("with_box_refine", with_box_refine), ("two_stage", two_stage),
-                                 ("num_queries_one2many", num_queries_one2many)) if v is not None}
+                                 ("num_queries_one2many", num_queries_one2many),
+                                 ("look_forward_twice", look_forward_twice)) if v is not None}
     if changes.get("rho") and cfg.family != "sparse":
         raise ValueError(f"--rho applies to Sparse DETR presets, not {name!r}")
     return replace(cfg, **changes)
