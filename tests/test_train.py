@@ -426,3 +426,26 @@ def test_detr_hybrid_matching_flags(data_root, tmp_path, capsys):
     assert train_mod.main(_args(data_root, tmp_path / "sparse", "--model", "sparse_detr_tiny", "--iters", "1",
                                 "--num-queries-one2many", "10")) == 2
     assert "num_queries_one2many" in capsys.readouterr().err
+
+
+def test_detr_auxiliary_dense_head_flags(data_root, tmp_path, capsys):
+    """--aux-dense-head adds the weighted GFL loss of the encoder's dense branch to the DETR loss (logged as
+    loss_dense; the default weight is 2 x the decoder layers); the trained checkpoint detects without it."""
+    from toolkit.engine import load_trained_model
+
+    out = tmp_path / "dense"
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_tiny", "--data-root", str(data_root),
+                           "--out", str(out), "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2",
+                           "--aux-dense-head", "--aux-dense-weight", "0.5"]) == 0
+    history = _history(out)
+    assert all(h["loss_dense"] > 0 for h in history)
+    assert all(h["loss"] > h["loss_dense"] for h in history)
+    model, _, _ = load_trained_model(out / "checkpoint.pth")
+    assert model.aux_dense_anchor_scale == 4.0 and not model.training
+    with torch.no_grad():
+        assert "aux_dense" not in model(torch.rand(1, 3, 128, 160))
+    capsys.readouterr()
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_tiny", "--data-root", str(data_root),
+                           "--out", str(tmp_path / "bad"), "--no-progress", "--iters", "1",
+                           "--aux-dense-weight", "3"]) == 2
+    assert "--aux-dense-weight needs --aux-dense-head" in capsys.readouterr().err

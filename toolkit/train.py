@@ -188,6 +188,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--look-forward-twice", action=argparse.BooleanOptionalAction, default=None,
                    help="Deformable DETR with box refinement: each layer's box loss also trains the previous layer's "
                         "box head (H-DETR's option; default: preset)")
+    p.add_argument("--aux-dense-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="DETR: Co-DETR's auxiliary dense head in training (a GFL head with ATSS on the encoder's "
+                        "output maps plus one stride-2 level; dense one-to-many supervision of backbone and encoder; "
+                        "not run at inference; default: preset)")
+    p.add_argument("--aux-dense-weight", type=float,
+                   help="DETR: weight of the auxiliary dense head's GFL loss (default: 2 x the decoder layers, "
+                        "Co-DETR's num_dec_layer x lambda_2)")
     p.add_argument("--backbone-weights", type=Path,
                    help="DETR: a local torchvision ResNet state dict to start the backbone from (nothing is "
                         "downloaded)")
@@ -534,7 +541,7 @@ class Trainer:
                    dist_info)
         cfg = preset_config(args.model, len(self.classes) - 1, rho=args.rho, with_box_refine=args.with_box_refine,
                             two_stage=args.two_stage, num_queries_one2many=args.num_queries_one2many,
-                            look_forward_twice=args.look_forward_twice)
+                            look_forward_twice=args.look_forward_twice, aux_dense_head=args.aux_dense_head)
         if args.distill == "thumbdet":
             cfg = replace(cfg, thumb_scale=args.thumb_scale, thumb_mode=args.thumb_mode)
         from dataclasses import asdict
@@ -567,6 +574,12 @@ class Trainer:
         self.loss_keys = ("loss", "loss_ce", "loss_bbox", "loss_giou")
         if cfg.num_queries_one2many and args.lambda_one2many:  # hybrid matching's last-layer terms, logged too
             self.loss_keys += ("loss_ce_one2many", "loss_bbox_one2many", "loss_giou_one2many")
+        self.aux_dense_weight = None
+        if cfg.aux_dense_head:
+            self.aux_dense_weight = 2.0 * cfg.dec_layers if args.aux_dense_weight is None else args.aux_dense_weight
+            self.loss_keys += ("loss_dense",)
+        elif args.aux_dense_weight is not None:
+            raise ValueError("--aux-dense-weight needs --aux-dense-head")
         self.detr_task_keys = self.loss_keys[1:]
         return model, s
 
@@ -742,7 +755,11 @@ class Trainer:
             from toolkit.models.detr.training import detr_targets
 
             losses = self.criterion(out, detr_targets(targets, self.device))
-            return {"loss": self.criterion.total_loss(losses), **{k: losses[k] for k in self.detr_task_keys}}
+            total = self.criterion.total_loss(losses)
+            if "aux_dense" in out:  # Co-DETR's dense branch: GFL's loss against the pixel boxes (weighted here)
+                losses["loss_dense"] = self.aux_dense_weight * gfl_loss(out["aux_dense"], targets)["loss"]
+                total = total + losses["loss_dense"]
+            return {"loss": total, **{k: losses[k] for k in self.detr_task_keys}}
         if self.is_gfl:  # targets in pixels of the network input; the assignment moves them to the device
             return gfl_loss(out, targets, self.criterion.params, assigned)
         norm_targets = normalized_targets(targets, tuple(inputs.shape[-2:]), self.device)

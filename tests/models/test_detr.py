@@ -241,3 +241,42 @@ def test_look_forward_twice_changes_the_gradients_not_the_outputs():
     torch.testing.assert_close(boxes[True], boxes[False], rtol=0, atol=0)
     assert grads[False] is None or torch.count_nonzero(grads[False]) == 0
     assert grads[True].abs().sum() > 0
+
+
+def test_auxiliary_dense_head_reads_the_encoder_maps():
+    """Co-DETR's dense branch: token ``start_l + y * W_l + x`` of the memory is pixel ``(y, x)`` of level ``l``'s map
+    (a loop); in training the branch covers every level plus one stride-2 level with anchors of scale x stride
+    (grid_anchors), its GFL loss reaches the backbone; in eval mode it does not run."""
+    from toolkit.models.detr.deformable_detr import memory_maps
+    from toolkit.models.gfl import gfl_loss, grid_anchors
+
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[3, 4], [2, 2], [1, 1]])
+    memory = torch.randn(2, 12 + 4 + 1, 5, generator=g)
+    maps = memory_maps(memory, shapes)
+    start = 0
+    for level, (h, w) in enumerate(shapes.tolist()):
+        for y in range(h):
+            for x in range(w):
+                assert torch.equal(maps[level][:, :, y, x], memory[:, start + y * w + x])
+        start += h * w
+
+    torch.manual_seed(0)
+    cfg = DeformableDETRConfig(num_classes=3, backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1,
+                               dec_layers=1, dim_feedforward=32, num_queries=4, aux_dense_head=True,
+                               aux_dense_anchor_scale=4.0)
+    model = build_deformable_detr(cfg).train()
+    images = torch.randn(1, 3, 128, 192)
+    dense = model(images)["aux_dense"]
+    hws = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # strides 8..64, then the extra level
+    assert dense["feature_hws"] == hws and dense["cls_logits"].shape == (1, sum(h * w for h, w in hws), 3)
+    anchors, _ = grid_anchors(hws, (128, 192), [4.0 * 192 / w for _, w in hws])
+    torch.testing.assert_close(dense["anchors"], anchors)
+    target = [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0]]), "labels": torch.tensor([2])}]
+    gfl_loss(dense, target)["loss"].backward()
+    assert model.backbone[0].body.layer2[0].conv1.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert "aux_dense" not in model(images)
+    with pytest.raises(ValueError, match="aux_dense_anchor_scale"):
+        DeformableDETRConfig(aux_dense_anchor_scale=0)

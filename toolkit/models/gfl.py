@@ -98,6 +98,8 @@ class GFLHead(nn.Module):
         normalize: per source (or for all), whether DSOD's L2Norm (scale 20) comes first.
         tower_convs: 3x3 Conv-BN-ReLU layers in front of each predictor (a class and a box tower per level).
         tower_channels: their width (default: the source's).
+        tower_groups: ``> 0``: the towers normalize with GroupNorm of this many groups instead of BatchNorm
+            (mmdetection's ATSS / GFL heads: 32), for batches too small for batch statistics.
         batch_norm: ``False``: the predictors are 3x3 convolutions with a bias (GFL's); ``True``: without bias,
             each followed by BatchNorm (DSOD's head, :class:`~toolkit.models.ssd.ConvBN`), whose bias starts
             where GFL's would.
@@ -106,7 +108,8 @@ class GFLHead(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, reg_max: int = 16,
                  normalize: Sequence[bool] | bool = True, tower_convs: int = 0, tower_channels: int = 0,
-                 batch_norm: bool = False, bn_momentum: float = 0.1, prior_prob: float = 0.01) -> None:
+                 batch_norm: bool = False, bn_momentum: float = 0.1, prior_prob: float = 0.01,
+                 tower_groups: int = 0) -> None:
         super().__init__()
         if isinstance(normalize, bool):
             normalize = [normalize] * len(in_channels)
@@ -120,6 +123,10 @@ class GFLHead(nn.Module):
 
         def tower(c: int) -> nn.Module:
             width = tower_channels or c
+            if tower_groups:
+                return nn.Sequential(*(nn.Sequential(nn.Conv2d(c if i == 0 else width, width, 3, padding=1, bias=False),
+                                                     nn.GroupNorm(tower_groups, width), nn.ReLU(inplace=True))
+                                       for i in range(tower_convs)))
             return nn.Sequential(*(ConvBNReLU(c if i == 0 else width, width, 3, 1, 1, bn_momentum)
                                    for i in range(tower_convs)))
 

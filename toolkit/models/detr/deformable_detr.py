@@ -25,6 +25,7 @@ from torch import nn
 from toolkit.models.detr.backbone import Joiner, ResNetBody, downsample_mask
 from toolkit.models.detr.deformable_transformer import DeformableTransformer, _clones, inverse_sigmoid
 from toolkit.models.detr.position_encoding import SinePositionEncoding
+from toolkit.models.gfl import GFLHead, grid_anchors
 
 
 class MLP(nn.Module):
@@ -78,6 +79,11 @@ class DeformableDETRConfig:
     num_queries_one2many: int = 0
     # H-DETR's --look_forward_twice: a layer's refined boxes reach the next layer's predictions with their gradient.
     look_forward_twice: bool = False
+    # Co-DETR's collaborative auxiliary dense head (Sense-X/Co-DETR), here the toolkit's GFL head with ATSS: in
+    # training, the encoder's output maps (plus one stride-2 level) get a one-to-many dense loss; anchors of
+    # aux_dense_anchor_scale x the level's stride (Co-DETR's ATSS head: 8).
+    aux_dense_head: bool = False
+    aux_dense_anchor_scale: float = 8.0
 
     def __post_init__(self) -> None:
         if self.family not in ("deformable", "sparse"):
@@ -91,6 +97,8 @@ class DeformableDETRConfig:
         if self.thumb_scale not in (1, 2, 4) or self.thumb_mode not in ("learned", "bicubic"):
             raise ValueError(f"thumb_scale must be 1, 2 or 4 and thumb_mode 'learned' or 'bicubic', got "
                              f"{self.thumb_scale} and {self.thumb_mode!r}")
+        if self.aux_dense_anchor_scale <= 0:
+            raise ValueError(f"aux_dense_anchor_scale must be positive, got {self.aux_dense_anchor_scale}")
         if self.num_queries_one2many < 0 or (self.num_queries_one2many and self.family != "deformable"):
             raise ValueError(f"num_queries_one2many (hybrid matching) must be >= 0 and is for Deformable DETR "
                              f"(family 'deformable'), got {self.num_queries_one2many} with family {self.family!r}")
@@ -142,6 +150,8 @@ class DeformableDETR(nn.Module):
         family: ``"deformable"`` or ``"sparse"``: how the heads are wired into the transformer.  Sparse DETR
             gives the decoder the box heads whenever it is two-stage (iterative refinement), and with
             ``transformer.use_enc_aux_loss`` one extra pair of heads per encoder layer but the last.
+        aux_dense_anchor_scale: Co-DETR's auxiliary dense head on the encoder (see :meth:`dense_outputs`), with
+            anchors of this many times each level's stride; None: no such head.
         num_queries_one2many: H-DETR's hybrid matching: in training mode, this many more queries (learned, or
             two-stage, the next-best proposals) run after the ``num_queries`` ones, and the decoder's
             self-attention keeps the two groups apart; their predictions come back under ``"one2many"`` for a
@@ -150,7 +160,8 @@ class DeformableDETR(nn.Module):
 
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False, family: str = "deformable", num_queries_one2many: int = 0) -> None:
+                 two_stage: bool = False, family: str = "deformable", num_queries_one2many: int = 0,
+                 aux_dense_anchor_scale: Optional[float] = None) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.num_queries_one2many = num_queries_one2many
@@ -172,6 +183,14 @@ class DeformableDETR(nn.Module):
             in_channels = hidden
         self.input_proj = nn.ModuleList(projections)
         self.backbone = backbone
+        self.aux_dense_anchor_scale = aux_dense_anchor_scale
+        if aux_dense_anchor_scale:
+            # Co-DETR's extra level below the encoder's last (3x3 stride-2 convolution, GroupNorm), and its ATSS
+            # head's single 3x3 tower convolution per branch (with GroupNorm, as mmdetection's); GFL's predictors.
+            self.aux_dense_downsample = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+                                                      nn.GroupNorm(32, hidden))
+            self.aux_dense = GFLHead([hidden] * (num_feature_levels + 1), num_classes, normalize=False,
+                                     tower_convs=1, tower_groups=32)
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
@@ -224,7 +243,8 @@ class DeformableDETR(nn.Module):
             features [(B, C_l, h_l, w_l)] (ThumbDet's feature distillation pairs them)}``; with a thumbnail also
             ``"src_input"`` (the [0, 1] RGB input) and ``"downsample_input"`` (the thumbnail, [0, 1] RGB); hybrid
             matching in training mode: ``"one2many": {"pred_logits": (B, Q', K), "pred_boxes": (B, Q', 4),
-            "aux_outputs": [...]}`` for the ``Q' = num_queries_one2many`` extra queries.
+            "aux_outputs": [...]}`` for the ``Q' = num_queries_one2many`` extra queries; the auxiliary dense head
+            in training mode: ``"aux_dense"`` (:meth:`dense_outputs`).
         """
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
@@ -268,6 +288,8 @@ class DeformableDETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(classes[:-1], coords[:-1])]
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": t["enc_class"], "pred_boxes": t["enc_coord_unact"].sigmoid()}
+        if self.training and self.aux_dense_anchor_scale:
+            out["aux_dense"] = self.dense_outputs(t, images.shape[-2:])
         if "mask_prediction" in t:
             out.update(backbone_mask_prediction=t["mask_prediction"], sparse_token_nums=t["sparse_token_nums"],
                        backbone_topk_proposals=t["topk_inds"])
@@ -279,6 +301,32 @@ class DeformableDETR(nn.Module):
         out["decoder_attention"].update(dec_locations=t["dec_locations"][:, :, :q],
                                         dec_weights=t["dec_weights"][:, :, :q])
         return out
+
+    def dense_outputs(self, t: Mapping, image_hw) -> dict:
+        """Co-DETR's auxiliary dense branch: the encoder's memory back into per-level maps, one more level from a
+        stride-2 convolution of the last, and the GFL head on them, with one square anchor of
+        ``aux_dense_anchor_scale x stride`` per location of the padded input.  Returns what
+        :func:`toolkit.models.gfl.gfl_loss` takes: ``cls_logits`` ``(B, P, K)``, ``reg_logits`` ``(B, P, 4,
+        reg_max + 1)``, ``anchors`` ``(P, 4)`` xyxy pixels of the padded input, ``strides`` ``(P, 2)``,
+        ``feature_hws``, ``image_hw``."""
+        memory = t["memory"]
+        maps = memory_maps(memory, t["spatial_shapes"])
+        maps.append(self.aux_dense_downsample(maps[-1]))
+        cls_logits, reg_logits = self.aux_dense(maps)
+        feature_hws = [tuple(m.shape[-2:]) for m in maps]
+        image_hw = tuple(int(v) for v in image_hw)
+        sizes = [self.aux_dense_anchor_scale * image_hw[1] / w for _, w in feature_hws]
+        anchors, strides = grid_anchors(feature_hws, image_hw, sizes)
+        return {"cls_logits": cls_logits, "reg_logits": reg_logits, "anchors": anchors.to(memory.device),
+                "strides": strides.to(memory.device), "feature_hws": feature_hws, "image_hw": image_hw}
+
+
+def memory_maps(memory: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
+    """Flat encoder tokens ``(B, S, C)`` (levels one after another, row-major) -> one ``(B, C, H_l, W_l)`` map per
+    level of ``spatial_shapes`` ``(L, 2)``."""
+    shapes = [tuple(s) for s in spatial_shapes.tolist()]
+    return [part.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
+            for part, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
 
 
 def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), train_backbone: bool = True,
@@ -296,7 +344,8 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
                                         cfg.use_enc_aux_loss, cfg.eff_query_init, cfg.eff_specific_head,
                                         cfg.look_forward_twice)
     return DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
-                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family, cfg.num_queries_one2many)
+                          cfg.aux_loss, cfg.with_box_refine, cfg.two_stage, cfg.family, cfg.num_queries_one2many,
+                          cfg.aux_dense_anchor_scale if cfg.aux_dense_head else None)
 
 
 def flatten_outputs(out: Mapping) -> dict[str, torch.Tensor]:

@@ -365,7 +365,8 @@ class DeformableTransformer(nn.Module):
             two-stage: ``enc_class`` (B, S, K) and ``enc_coord_unact`` (B, S, 4); Sparse DETR:
             ``mask_prediction`` (B, S), ``sparse_token_nums`` int32 (B,), ``topk_inds`` (B, k),
             ``enc_aux_classes`` / ``enc_aux_boxes`` (lists); always ``dec_locations``, ``dec_weights`` (the decoder's
-            cross-attention), ``spatial_shapes``, ``level_start_index``, ``padding_mask`` (B, S).
+            cross-attention), ``spatial_shapes``, ``level_start_index``, ``padding_mask`` (B, S), ``memory``
+            (B, S, C) (the encoder's output).
         """
         flat, flat_masks, flat_pos, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
@@ -430,5 +431,5 @@ class DeformableTransformer(nn.Module):
                                                           level_start_index, valid_ratios, query_pos, padding,
                                                           self_attn_mask)
         out.update(hs=hs, init_reference=reference_points, references=references, dec_locations=locations,
-                   dec_weights=weights)
+                   dec_weights=weights, memory=memory)
         return out

@@ -37,8 +37,10 @@ _COCO_INPUT = dict(train_scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 76
 # CPU presets: ResNet-18 trained from scratch (batch norm; nothing can be downloaded), 128 channels, 3 + 3
 # layers, 50 queries (shapes images hold at most 6 objects), inputs of 144-208 px on the short side, 256 at most
 # (shapes images are 200-400 px; a smaller padded batch is most of a CPU step's cost).
+# With --aux-dense-head, anchors of 4x the stride, half Co-DETR's 8: the inputs are ~1/4 of COCO's 800 px, and at 8x
+# the three coarser levels' anchors (256-1024 px) would all be larger than the image.
 _TINY = dict(backbone="resnet18", backbone_from_scratch=True, hidden_dim=128, nheads=8, enc_layers=3,
-             dec_layers=3, dim_feedforward=512, num_queries=50, dropout=0.0)
+             dec_layers=3, dim_feedforward=512, num_queries=50, dropout=0.0, aux_dense_anchor_scale=4.0)
 _TINY_INPUT = dict(train_scales=(144, 160, 176, 192, 208), max_size=256, crop_scales=(128, 160, 192), crop_min=112,
                    crop_max=192, test_scale=192)
 
@@ -57,7 +59,7 @@ DETR_PRESETS: dict[str, DETRPreset] = {
 
 
 def preset_config(name: str, num_classes: int, *, rho=None, with_box_refine=None, two_stage=None,
-                  num_queries_one2many=None, look_forward_twice=None) -> DeformableDETRConfig:
+                  num_queries_one2many=None, look_forward_twice=None, aux_dense_head=None) -> DeformableDETRConfig:
     """The preset's configuration for ``num_classes`` (the dataset's foreground classes), flags applied.
 
     Raises:
@@ -69,7 +71,8 @@ def preset_config(name: str, num_classes: int, *, rho=None, with_box_refine=None
     cfg = replace(DETR_PRESETS[name].config, num_classes=num_classes)
     changes = {k: v for k, v in (("rho", rho), ("with_box_refine", with_box_refine), ("two_stage", two_stage),
                                  ("num_queries_one2many", num_queries_one2many),
-                                 ("look_forward_twice", look_forward_twice)) if v is not None}
+                                 ("look_forward_twice", look_forward_twice), ("aux_dense_head", aux_dense_head))
+               if v is not None}
     if changes.get("rho") and cfg.family != "sparse":
         raise ValueError(f"--rho applies to Sparse DETR presets, not {name!r}")
     return replace(cfg, **changes)
