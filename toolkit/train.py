@@ -9,6 +9,7 @@ family (Deformable DETR, Sparse DETR).
     python -m toolkit.train --dataset voc07 --model dsod300 --init-from dsod300_converted.pth --lr 0.01
     python -m toolkit.train --dataset coco --model sparse_detr --rho 0.3 --out runs/sparse_detr
     python -m toolkit.train --dataset shapes --model deformable_detr_tiny --out runs/ddetr_tiny
+    python -m toolkit.train --dataset shapes --model deformable_detr_tiny --aux-dense-head --out runs/ddetr_dense
     python -m toolkit.train --dataset shapes --model gfl_dsod_tiny --amp --cache-images --workers 0 --out runs/gfl
     python -m toolkit.train --dataset shapes --model gfl_dsod_nano --distill ld --teacher runs/gfl/checkpoint.pth
     python -m toolkit.train --dataset shapes --model dsod_nano --distill frs --teacher runs/main/checkpoint.pth
@@ -20,7 +21,10 @@ The ``gfl_*`` presets (``toolkit.models.gfl``) read the data as the SSD family d
 DETR presets (``toolkit.models.detr.training``) follow the official recipe: AdamW
 with the backbone and the sampling-offset projections at their own learning
 rates, gradient clipping, a step drop of the learning rate, DETR's random
-resize / crop / flip augmentation and padded batches.
+resize / crop / flip augmentation and padded batches.  Options from later DETRs,
+off in the presets and absent at inference: ``--aux-dense-head`` (Co-DETR's
+dense one-to-many head on the encoder), ``--num-queries-one2many`` (H-DETR's
+hybrid matching) and ``--look-forward-twice``.
 
 Solver presets reproduce the Caffe solvers (``SOLVERS``): SGD with momentum 0.9,
 weight decay 5e-4, a multistep schedule (gamma 0.1) and Caffe's ``iter_size``
