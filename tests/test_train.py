@@ -449,3 +449,34 @@ def test_detr_auxiliary_dense_head_flags(data_root, tmp_path, capsys):
                            "--out", str(tmp_path / "bad"), "--no-progress", "--iters", "1",
                            "--aux-dense-weight", "3"]) == 2
     assert "--aux-dense-weight needs --aux-dense-head" in capsys.readouterr().err
+
+
+def test_detr_with_the_dsod_backbone_starts_from_a_dsod_checkpoint(data_root, tmp_path, capsys):
+    """deformable_detr_dsod --backbone-weights takes a toolkit dsod_tiny checkpoint's backbone (kept as it was
+    under --lr-backbone 0), and its checkpoint evaluates without that file; a checkpoint that does not fit is
+    refused by name."""
+    from toolkit.engine import load_trained_model
+    from toolkit.models.build import build_model
+
+    torch.manual_seed(3)
+    dsod = build_model("dsod_tiny", 7).state_dict()
+    weights = tmp_path / "dsod_tiny.pth"
+    torch.save({"model": dsod, "model_name": "dsod_tiny"}, weights)
+    out = tmp_path / "detr_dsod"
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_dsod", "--data-root", str(data_root),
+                           "--out", str(out), "--batch-size", "2", "--no-progress", "--workers", "0", "--iters", "2",
+                           "--backbone-weights", str(weights), "--lr-backbone", "0", "--aux-dense-head"]) == 0
+    model, _, name = load_trained_model(out / "checkpoint.pth")
+    assert name == "deformable_detr_dsod"
+    body = model.backbone[0].body.state_dict()
+    for key in ("stem.0.conv.weight", "blocks.2.1.grow.conv.weight", "extras.1.learn_down.conv.weight"):
+        torch.testing.assert_close(body[key], dsod[f"backbone.{key}"], rtol=0, atol=0)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 128, 160))["pred_logits"].shape == (1, 50, 6)
+    nano = tmp_path / "dsod_nano.pth"
+    torch.save({"model": build_model("dsod_nano", 7).state_dict(), "model_name": "dsod_nano"}, nano)
+    capsys.readouterr()
+    assert train_mod.main(["--dataset", "shapes", "--model", "deformable_detr_dsod", "--data-root", str(data_root),
+                           "--out", str(tmp_path / "bad"), "--no-progress", "--iters", "1",
+                           "--backbone-weights", str(nano)]) == 2
+    assert "dsod_nano.pth: the backbone of model 'dsod_nano' does not fit" in capsys.readouterr().err

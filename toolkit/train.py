@@ -10,6 +10,8 @@ family (Deformable DETR, Sparse DETR).
     python -m toolkit.train --dataset coco --model sparse_detr --rho 0.3 --out runs/sparse_detr
     python -m toolkit.train --dataset shapes --model deformable_detr_tiny --out runs/ddetr_tiny
     python -m toolkit.train --dataset shapes --model deformable_detr_tiny --aux-dense-head --out runs/ddetr_dense
+    python -m toolkit.train --dataset shapes --model deformable_detr_dsod --backbone-weights runs/main/checkpoint.pth \
+        --lr-backbone 2e-5 --aux-dense-head --iters 3200 --out runs/ddetr_dsod30
     python -m toolkit.train --dataset shapes --model gfl_dsod_tiny --amp --cache-images --workers 0 --out runs/gfl
     python -m toolkit.train --dataset shapes --model gfl_dsod_nano --distill ld --teacher runs/gfl/checkpoint.pth
     python -m toolkit.train --dataset shapes --model dsod_nano --distill frs --teacher runs/main/checkpoint.pth
@@ -24,7 +26,9 @@ rates, gradient clipping, a step drop of the learning rate, DETR's random
 resize / crop / flip augmentation and padded batches.  Options from later DETRs,
 off in the presets and absent at inference: ``--aux-dense-head`` (Co-DETR's
 dense one-to-many head on the encoder), ``--num-queries-one2many`` (H-DETR's
-hybrid matching) and ``--look-forward-twice``.
+hybrid matching) and ``--look-forward-twice``.  The ``*_dsod`` CPU presets put
+``dsod_tiny``'s backbone under the DETR, which ``--backbone-weights`` takes from a
+trained ``dsod_tiny`` checkpoint (the stand-in for the official pretrained ResNet).
 
 Solver presets reproduce the Caffe solvers (``SOLVERS``): SGD with momentum 0.9,
 weight decay 5e-4, a multistep schedule (gamma 0.1) and Caffe's ``iter_size``
@@ -156,6 +160,8 @@ SOLVERS.update({name: _DETR_SOLVER for name in DETR_PRESETS})
 # The tiny presets train their backbone from scratch: at the full learning rate.
 _DETR_TINY_SOLVER = replace(_DETR_SOLVER, batch_size=4, epochs=12, step_epochs=(10,), lr_backbone=2e-4)
 SOLVERS["deformable_detr_tiny"] = SOLVERS["sparse_detr_tiny"] = _DETR_TINY_SOLVER
+# From scratch too by default; a backbone from a trained dsod_tiny takes the official 0.1x (--lr-backbone 2e-5).
+SOLVERS["deformable_detr_dsod"] = SOLVERS["sparse_detr_dsod"] = _DETR_TINY_SOLVER
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -200,8 +206,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="DETR: weight of the auxiliary dense head's GFL loss (default: 2 x the decoder layers, "
                         "Co-DETR's num_dec_layer x lambda_2)")
     p.add_argument("--backbone-weights", type=Path,
-                   help="DETR: a local torchvision ResNet state dict to start the backbone from (nothing is "
-                        "downloaded)")
+                   help="DETR: a local file to start the backbone from (nothing is downloaded): a torchvision "
+                        "ResNet state dict for the ResNet presets; for deformable_detr_dsod, a toolkit checkpoint "
+                        "of dsod_tiny (e.g. the main job's runs/main/checkpoint.pth)")
     p.add_argument("--augment", choices=("ssd", "light", "mirror", "detr"),
                    help="ssd: the full SSD recipe; light: warp (random interpolation) and mirror; mirror: the test "
                         "transform's warp and a random mirror, so --cache-images keeps warped images (short CPU "

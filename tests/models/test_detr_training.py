@@ -60,7 +60,8 @@ def test_presets_and_flags():
     assert preset_config("deformable_detr", 91, two_stage=True).two_stage
     with pytest.raises(ValueError, match="--rho applies to Sparse DETR"):
         preset_config("deformable_detr_tiny", 6, rho=0.1)
-    assert set(DETR_PRESETS) >= {"deformable_detr", "sparse_detr", "deformable_detr_tiny", "sparse_detr_tiny"}
+    assert set(DETR_PRESETS) >= {"deformable_detr", "sparse_detr", "deformable_detr_tiny", "sparse_detr_tiny",
+                                 "deformable_detr_dsod", "sparse_detr_dsod"}
 
 
 @pytest.fixture(scope="module")

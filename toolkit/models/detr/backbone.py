@@ -1,9 +1,13 @@
-"""ResNet backbone with frozen batch norm for the DETR family, with a padding mask per output level.
+"""Backbones for the DETR family, with a padding mask per output level.
 
-``Joiner`` reproduces the official module tree (``backbone.0.body.<torchvision
-ResNet names>``, ``backbone.1`` the position encoding), so that official
-checkpoints load by name.  No weights are downloaded: the ResNet is built empty,
-then filled from a checkpoint or from a local torchvision file.
+``ResNetBody``: the official ResNet with frozen batch norm.  ``Joiner`` reproduces
+the official module tree (``backbone.0.body.<torchvision ResNet names>``,
+``backbone.1`` the position encoding), so that official checkpoints load by name.
+No weights are downloaded: the ResNet is built empty, then filled from a
+checkpoint or from a local torchvision file.
+
+``DSODBody``: not in the official code; the toolkit's DSOD backbone (built to
+train from scratch), for the CPU presets, with the same interface.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from toolkit.data.detr_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from toolkit.data.transforms import PREPROCESS_PRESETS
 from toolkit.models.detr.position_encoding import SinePositionEncoding
+from toolkit.models.dsod import DSODBackbone, DSODConfig
 from toolkit.models.thumbnail import Thumbnailer
 
 
@@ -96,6 +103,91 @@ class ResNetBody(nn.Module):
         for _, feature in sorted(self.body(images).items()):
             out.append((feature, downsample_mask(mask, feature.shape[-2:])))
         return out, extras
+
+
+# dsod_tiny's backbone (toolkit.models.build.DSOD_TINY) without Fine and with two extra scales: First, Second,
+# Third, Fourth at strides 8, 16, 32, 64, 128 / 128 / 128 / 64 channels.
+DSOD_BACKBONES = {
+    "dsod_tiny": DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48, block_layers=(2, 3, 3, 3),
+                            transition_channels=(64, 128, 160, 64), reuse_channels=64, extra_channels=(64, 32)),
+}
+
+
+class DSODBody(nn.Module):
+    """A DSOD backbone (batch norm, trained from scratch or from a toolkit DSOD detector) returning its sources as
+    the DETR's levels.
+
+    The DETR's images are ImageNet-normalized RGB; the body turns them into the DSOD family's own input (BGR,
+    ``(x - (104, 117, 123)) * 0.017`` on 0-255 pixels) with a fixed per-channel affine map, so that the backbone of
+    a trained ``dsod_tiny`` sees what it was trained on.  (DETR's padding, 0 after ImageNet normalization, maps to
+    within 0.02 of 0.)
+
+    Args:
+        name: a key of :data:`DSOD_BACKBONES`.
+        multi_scale: return every source, finest first (else the stride-32 one alone).
+        weights: a toolkit checkpoint (``toolkit.train``'s) of a DSOD detector whose backbone holds every layer of
+            this one (e.g. ``dsod_tiny``'s, the main job's): its ``backbone.*`` tensors are loaded; the rest is
+            ignored.
+        thumb_scale, thumb_mode: ThumbDet's thumbnail in front, as in :class:`ResNetBody`.
+    """
+
+    def __init__(self, name: str = "dsod_tiny", multi_scale: bool = True,
+                 weights: Optional[str | os.PathLike] = None, thumb_scale: int = 1,
+                 thumb_mode: str = "learned") -> None:
+        super().__init__()
+        if name not in DSOD_BACKBONES:
+            raise ValueError(f"unknown DSOD backbone {name!r}; choose from {sorted(DSOD_BACKBONES)}")
+        cfg = DSOD_BACKBONES[name]
+        self.body = DSODBackbone(cfg)
+        if weights is not None:
+            load_dsod_backbone(self.body, weights)
+        channels = list(cfg.source_channels)
+        strides = [8 * 2 ** i for i in range(len(channels))]
+        self.levels = list(range(len(channels))) if multi_scale else [2]
+        self.strides = [strides[i] for i in self.levels]
+        self.num_channels = [channels[i] for i in self.levels]
+        self.down_sample = Thumbnailer(thumb_scale, thumb_mode) if thumb_scale > 1 else None
+        caffe = PREPROCESS_PRESETS["dsod"]
+        mean_rgb, std_rgb = torch.tensor(IMAGENET_MEAN_RGB) * 255, torch.tensor(IMAGENET_STD_RGB) * 255
+        mean_bgr = torch.tensor(caffe.mean_bgr)
+        # BGR channel c takes RGB channel 2 - c: x_bgr = (x_rgb * std + mean)[flipped]; y = (x_bgr - mean_bgr) * s.
+        self.register_buffer("input_scale", (std_rgb.flip(0) * caffe.scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", ((mean_rgb.flip(0) - mean_bgr) * caffe.scale).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """As :meth:`ResNetBody.forward`."""
+        extras: dict[str, torch.Tensor] = {}
+        if self.down_sample is not None:
+            extras = self.down_sample(images)
+            images = extras.pop("images")
+        images = images.flip(1) * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
+        sources = self.body(images)
+        return [(sources[i], downsample_mask(mask, sources[i].shape[-2:])) for i in self.levels], extras
+
+
+def load_dsod_backbone(body: DSODBackbone, path: str | os.PathLike) -> None:
+    """Fill ``body`` from the ``backbone.*`` tensors of a toolkit DSOD checkpoint (``{"model": state_dict, ...}``).
+
+    Raises:
+        ValueError: not a toolkit checkpoint, or a layer of ``body`` missing from it or of another shape (named).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path}: not a toolkit checkpoint (no 'model' state dict)")
+    source = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    own = body.state_dict()
+    missing = [k for k in own if k not in source]
+    wrong = [f"{k} {tuple(source[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
+             if k in source and source[k].shape != v.shape]
+    if missing or wrong:
+        model = ckpt.get("model_name", "?")
+        raise ValueError(f"{path}: the backbone of model {model!r} does not fit this DSOD backbone: "
+                         + "; ".join(filter(None, [f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")
+                                                   if missing else "",
+                                                   f"shape {wrong[:3]}" if wrong else ""])))
+    body.load_state_dict({k: source[k] for k in own})
 
 
 class Joiner(nn.Sequential):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.models.detr.backbone import Joiner, ResNetBody, downsample_mask
+from toolkit.models.detr.backbone import DSOD_BACKBONES, DSODBody, Joiner, ResNetBody, downsample_mask
 from toolkit.models.detr.deformable_transformer import DeformableTransformer, _clones, inverse_sigmoid
 from toolkit.models.detr.position_encoding import SinePositionEncoding
 from toolkit.models.gfl import GFLHead, grid_anchors
@@ -47,6 +47,8 @@ class DeformableDETRConfig:
     """The architecture, with the official ``main.py`` argument names and defaults."""
 
     num_classes: int = 91
+    # A torchvision ResNet name, or (not official) a key of toolkit.models.detr.backbone.DSOD_BACKBONES: the
+    # toolkit's DSOD backbone, batch norm trained with the rest (backbone_from_scratch does not apply).
     backbone: str = "resnet50"
     dilation: bool = False
     # Not an official argument: BatchNorm2d and a fully trainable ResNet, for training without pretrained weights.
@@ -333,10 +335,14 @@ def build_deformable_detr(cfg: DeformableDETRConfig = DeformableDETRConfig(), tr
                           backbone_weights: Optional[str] = None) -> DeformableDETR:
     """A Deformable or Sparse DETR of ``cfg`` (empty backbone unless ``backbone_weights`` names a local
     torchvision file)."""
-    body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
-                      train_backbone=train_backbone, weights=backbone_weights,
-                      from_scratch=cfg.backbone_from_scratch and backbone_weights is None,
-                      thumb_scale=cfg.thumb_scale, thumb_mode=cfg.thumb_mode)
+    if cfg.backbone in DSOD_BACKBONES:
+        body = DSODBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, weights=backbone_weights,
+                        thumb_scale=cfg.thumb_scale, thumb_mode=cfg.thumb_mode)
+    else:
+        body = ResNetBody(cfg.backbone, multi_scale=cfg.num_feature_levels > 1, dilation=cfg.dilation,
+                          train_backbone=train_backbone, weights=backbone_weights,
+                          from_scratch=cfg.backbone_from_scratch and backbone_weights is None,
+                          thumb_scale=cfg.thumb_scale, thumb_mode=cfg.thumb_mode)
     backbone = Joiner(body, SinePositionEncoding(cfg.hidden_dim // 2))
     transformer = DeformableTransformer(cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers,
                                         cfg.dim_feedforward, cfg.dropout, cfg.num_feature_levels, cfg.dec_n_points,

@@ -41,6 +41,7 @@ _COCO_INPUT = dict(train_scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 76
 # the three coarser levels' anchors (256-1024 px) would all be larger than the image.
 _TINY = dict(backbone="resnet18", backbone_from_scratch=True, hidden_dim=128, nheads=8, enc_layers=3,
              dec_layers=3, dim_feedforward=512, num_queries=50, dropout=0.0, aux_dense_anchor_scale=4.0)
+_TINY_DSOD = {**_TINY, "backbone": "dsod_tiny", "backbone_from_scratch": False}
 _TINY_INPUT = dict(train_scales=(144, 160, 176, 192, 208), max_size=256, crop_scales=(128, 160, 192), crop_min=112,
                    crop_max=192, test_scale=192)
 
@@ -51,7 +52,14 @@ DETR_PRESETS: dict[str, DETRPreset] = {
                                                    use_enc_aux_loss=True, eff_query_init=True,
                                                    eff_specific_head=True), **_COCO_INPUT),
     "deformable_detr_tiny": DETRPreset(DeformableDETRConfig(**_TINY, with_box_refine=True), **_TINY_INPUT),
+    # The tiny presets with dsod_tiny's backbone (toolkit.models.detr.backbone.DSODBody), which --backbone-weights
+    # can take from a trained dsod_tiny (the main job's): the CPU stand-in for the official pretrained ResNet.
+    "deformable_detr_dsod": DETRPreset(DeformableDETRConfig(**_TINY_DSOD, with_box_refine=True), **_TINY_INPUT),
     "sparse_detr_tiny": DETRPreset(DeformableDETRConfig(**_TINY, with_box_refine=True, two_stage=True,
+                                                        family="sparse", rho=0.1, use_enc_aux_loss=True,
+                                                        eff_query_init=True, eff_specific_head=True),
+                                   **_TINY_INPUT),
+    "sparse_detr_dsod": DETRPreset(DeformableDETRConfig(**_TINY_DSOD, with_box_refine=True, two_stage=True,
                                                         family="sparse", rho=0.1, use_enc_aux_loss=True,
                                                         eff_query_init=True, eff_specific_head=True),
                                    **_TINY_INPUT),
