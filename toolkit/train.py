@@ -207,8 +207,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "Co-DETR's num_dec_layer x lambda_2)")
     p.add_argument("--backbone-weights", type=Path,
                    help="DETR: a local file to start the backbone from (nothing is downloaded): a torchvision "
-                        "ResNet state dict for the ResNet presets; for deformable_detr_dsod, a toolkit checkpoint "
-                        "of dsod_tiny (e.g. the main job's runs/main/checkpoint.pth)")
+                        "ResNet state dict for the ResNet presets; for the *_dsod presets, a toolkit checkpoint of "
+                        "dsod_tiny (e.g. the main job's runs/main/checkpoint.pth)")
     p.add_argument("--augment", choices=("ssd", "light", "mirror", "detr"),
                    help="ssd: the full SSD recipe; light: warp (random interpolation) and mirror; mirror: the test "
                         "transform's warp and a random mirror, so --cache-images keeps warped images (short CPU "

@@ -71,6 +71,10 @@ def test_a_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path):
     torch.save({"stem.0.conv.weight": torch.zeros(1)}, plain)
     with pytest.raises(ValueError, match="plain.pth: not a toolkit checkpoint"):
         DSODBody("dsod_tiny", weights=plain)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth: not a readable PyTorch checkpoint"):
+        DSODBody("dsod_tiny", weights=garbage)
     with pytest.raises(ValueError, match="unknown DSOD backbone 'dsod_huge'"):
         DSODBody("dsod_huge")
 

@@ -13,6 +13,8 @@ train from scratch), for the CPU presets, with the same interface.
 from __future__ import annotations
 
 import os
+import pickle
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -25,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from toolkit.data.detr_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from toolkit.data.transforms import PREPROCESS_PRESETS
 from toolkit.models.detr.position_encoding import SinePositionEncoding
+from toolkit.models.build import DSOD_TINY
 from toolkit.models.dsod import DSODBackbone, DSODConfig
 from toolkit.models.thumbnail import Thumbnailer
 
@@ -105,11 +108,10 @@ class ResNetBody(nn.Module):
         return out, extras
 
 
-# dsod_tiny's backbone (toolkit.models.build.DSOD_TINY) without Fine and with two extra scales: First, Second,
-# Third, Fourth at strides 8, 16, 32, 64, 128 / 128 / 128 / 64 channels.
-DSOD_BACKBONES = {
-    "dsod_tiny": DSODConfig(stem_channels=(16, 16, 32), growth_rate=16, bottleneck=48, block_layers=(2, 3, 3, 3),
-                            transition_channels=(64, 128, 160, 64), reuse_channels=64, extra_channels=(64, 32)),
+# dsod_tiny's backbone without Fine and with two of its four extra scales: First, Second, Third, Fourth at strides
+# 8, 16, 32, 64, 128 / 128 / 128 / 64 channels (every layer one of dsod_tiny's, so its checkpoints fill it).
+DSOD_BACKBONES: dict[str, DSODConfig] = {
+    "dsod_tiny": replace(DSOD_TINY, fine_channels=0, extra_channels=DSOD_TINY.extra_channels[:2]),
 }
 
 
@@ -173,7 +175,10 @@ def load_dsod_backbone(body: DSODBackbone, path: str | os.PathLike) -> None:
     Raises:
         ValueError: not a toolkit checkpoint, or a layer of ``body`` missing from it or of another shape (named).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path}: not a toolkit checkpoint (no 'model' state dict)")
     source = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
