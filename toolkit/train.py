@@ -91,7 +91,6 @@ from toolkit.engine import (
     load_trained_model,
     normalized_targets,
     pr_curves,
-    state_dict_mismatch,
 )
 from toolkit.evaluation.report import format_table, plot_pr_curves, write_json
 from toolkit.models.build import GFL_MODELS, INPUTS, MODELS, build_model, default_postprocess
@@ -101,6 +100,7 @@ from toolkit.models.gfl import GFLLoss, GFLPostprocessParams, gfl_loss, gfl_targ
 from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.postprocess import NMS_KINDS
+from toolkit.models.state_dict import state_dict_mismatch
 from toolkit.models.thumbnail import find_thumbnailer
 
 DISTILL_METHODS = ("thumbdet", "ld", "frs")

@@ -23,8 +23,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from toolkit.engine import DETR_CHECKPOINT_FORMAT, state_dict_mismatch
+from toolkit.engine import DETR_CHECKPOINT_FORMAT
 from toolkit.models.detr import DeformableDETR, DeformableDETRConfig, build_deformable_detr
+from toolkit.models.state_dict import state_dict_mismatch
 
 PathLike = str | os.PathLike
 TOOLKIT_FORMAT = DETR_CHECKPOINT_FORMAT

@@ -26,9 +26,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from toolkit.data.detr_transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from toolkit.data.transforms import PREPROCESS_PRESETS
-from toolkit.models.detr.position_encoding import SinePositionEncoding
 from toolkit.models.build import DSOD_TINY
+from toolkit.models.detr.position_encoding import SinePositionEncoding
 from toolkit.models.dsod import DSODBackbone, DSODConfig
+from toolkit.models.state_dict import state_dict_mismatch
 from toolkit.models.thumbnail import Thumbnailer
 
 
@@ -178,21 +179,18 @@ def load_dsod_backbone(body: DSODBackbone, path: str | os.PathLike) -> None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path}: not a toolkit checkpoint (no 'model' state dict)")
-    source = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     own = body.state_dict()
-    missing = [k for k in own if k not in source]
-    wrong = [f"{k} {tuple(source[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
-             if k in source and source[k].shape != v.shape]
-    if missing or wrong:
-        model = ckpt.get("model_name", "?")
-        raise ValueError(f"{path}: the backbone of model {model!r} does not fit this DSOD backbone: "
-                         + "; ".join(filter(None, [f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")
-                                                   if missing else "",
-                                                   f"shape {wrong[:3]}" if wrong else ""])))
-    body.load_state_dict({k: source[k] for k in own})
+    # Layers of the checkpoint's backbone that this one leaves out (Fine, later scales) are not a mismatch.
+    source = {key: v for k, v in ckpt["model"].items()
+              if k.startswith("backbone.") and (key := k[len("backbone."):]) in own}
+    problems = state_dict_mismatch(own, source)
+    if problems:
+        raise ValueError(f"{path}: the backbone of model {ckpt.get('model_name', '?')!r} does not fit this DSOD "
+                         f"backbone ({'; '.join(problems)})")
+    body.load_state_dict(source)
 
 
 class Joiner(nn.Sequential):
