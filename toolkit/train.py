@@ -101,7 +101,7 @@ from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.postprocess import NMS_KINDS
 from toolkit.models.state_dict import state_dict_mismatch
-from toolkit.models.thumbnail import find_thumbnailer
+from toolkit.models.thumbnail import THUMB_INITS, find_thumbnailer
 
 DISTILL_METHODS = ("thumbdet", "ld", "frs")
 
@@ -247,6 +247,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--thumb-mode", choices=("learned", "bicubic"), default="learned",
                    help="learned: ThumbDet's down-sampler; bicubic: the baseline (nothing to learn: the down-sampler "
                         "phase is skipped)")
+    d.add_argument("--thumb-init", choices=THUMB_INITS, default="default",
+                   help="the learned down-sampler's start: default (PyTorch's initialisation, as officially) or "
+                        "antialias (a binomial low-pass filter at its stride, Thumbnailer.init_antialias)")
     d.add_argument("--downsample-phase", type=float, default=0.1,
                    help="share of the iterations that train the down-sampler alone (default 0.1: the paper's 5 of 50 "
                         "epochs)")
@@ -390,6 +393,8 @@ class Trainer:
         if args.distill == "thumbdet" and self.is_gfl:
             raise ValueError(f"--distill thumbdet: {args.model} has a GFL head; ThumbDet is for the SSD and DETR "
                              "heads")
+        if args.distill != "thumbdet" and getattr(args, "thumb_init", "default") != "default":
+            raise ValueError(f"--thumb-init {args.thumb_init} is for --distill thumbdet's learned down-sampler")
         if args.distill == "thumbdet" and args.init_from:
             raise ValueError("--distill thumbdet starts the student from the teacher's weights: drop --init-from")
         if args.distill == "ld" and not self.is_gfl:
@@ -635,6 +640,11 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval()
         thumbnailer = find_thumbnailer(model)
         self.learns_thumbnail = thumbnailer is not None and thumbnailer.mode == "learned"
+        if args.thumb_init == "antialias":
+            if not self.learns_thumbnail:
+                raise ValueError("--thumb-init antialias: only a learned thumbnail (--thumb-scale 2 or 4, "
+                                 "--thumb-mode learned) has a down-sampler to initialise")
+            thumbnailer.init_antialias()
         self.phase1_iters = round(args.downsample_phase * self.plan.total_iters)
         self.loss_keys = (*self.loss_keys, "loss_downsample", "loss_kd", "loss_fm")
 
@@ -962,7 +972,9 @@ class Trainer:
                     f"classification {p.cls_weight}, ramped up over {p.warmup_iters} iterations")
         return (f"- distillation: ThumbDet from {a.teacher}, thumbnail {a.thumb_mode} {a.thumb_scale}x, down-sampler "
                 f"alone for the first {self.phase1_iters} iterations"
-                f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}{thumb_adam}; weights down-sample "
+                f"{'' if self.learns_thumbnail else ' (skipped: nothing to learn)'}{thumb_adam}"
+                f"{'; down-sampler started as an anti-aliasing filter' if a.thumb_init == 'antialias' else ''}"
+                f"; weights down-sample "
                 f"{a.downsample_weight}, KD {a.kd_weight}, FM {a.fm_weight}")
 
 

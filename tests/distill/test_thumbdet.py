@@ -115,3 +115,55 @@ def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
     assert Thumbnailer(4, "bicubic")  # no layers, yet a thumbnailer: `if thumbnailer:` must not read it as none
     with pytest.raises(ValueError, match="scale"):
         Thumbnailer(3)
+
+
+def _naive_strided_filter(image: np.ndarray, taps: list[float], stride: int, pad: int) -> np.ndarray:
+    """One channel ``(H, W)`` filtered by ``outer(taps, taps)`` with zero padding ``pad``, sampled every ``stride``
+    pixels: the plain loop over output pixels and taps."""
+    k = len(taps)
+    h, w = image.shape
+    out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = np.zeros((out_h, out_w))
+    for i in range(out_h):
+        for j in range(out_w):
+            for u in range(k):
+                for v in range(k):
+                    y, x = i * stride + u - pad, j * stride + v - pad
+                    if 0 <= y < h and 0 <= x < w:
+                        out[i, j] += taps[u] * taps[v] * image[y, x]
+    return out
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_antialias_init_is_the_binomial_filter(scale):
+    torch.manual_seed(0)
+    thumb = Thumbnailer(scale).double().init_antialias()
+    pixels = torch.rand(1, 3, 23, 30, dtype=torch.float64)
+    out = thumb.downsample(pixels)
+    assert out.shape[-2:] == thumbnail_size(23, 30, scale)
+    for c in range(3):
+        image = pixels[0, c].numpy()
+        if scale == 2:  # the 5x5 delta keeps the inner pixels, then [1, 4, 6, 4, 1] / 16 at stride 2
+            expected = _naive_strided_filter(image[1:-1, 1:-1], [1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16], 2, 1)
+        else:  # [1, 2, 1] / 4 at stride 2, twice
+            expected = _naive_strided_filter(image, [0.25, 0.5, 0.25], 2, 1)
+            expected = _naive_strided_filter(expected, [0.25, 0.5, 0.25], 2, 1)
+        np.testing.assert_allclose(out[0, c].detach().numpy(), expected, rtol=0, atol=1e-12)
+    # A flat grey stays grey away from the zero-padded border.
+    flat = thumb.downsample(torch.full((1, 3, 40, 40), 0.3, dtype=torch.float64))
+    assert torch.allclose(flat[..., 2:-2, 2:-2], torch.tensor(0.3, dtype=torch.float64), atol=1e-12)
+    # Nothing is dead: the second layer's zero weights on the 9 random channels get gradients at once, and after
+    # one step every output channel of the first layer gets one too.
+
+    def gradients():
+        thumb.zero_grad()
+        (thumb.downsample(pixels) - 0.5).square().mean().backward()
+        return [(layer.weight.grad != 0).flatten(1).any(dim=1) for layer in (thumb[0], thumb[2])]
+
+    first, second = gradients()
+    assert bool(second.all()) and bool((thumb[2].weight.grad[:, 3:] != 0).any()) and not bool(first[3:].any())
+    torch.optim.SGD(thumb.parameters(), lr=0.01).step()
+    first, second = gradients()
+    assert bool(first.all()) and bool(second.all())
+    with pytest.raises(ValueError, match="bicubic"):
+        Thumbnailer(scale, "bicubic").init_antialias()

@@ -156,7 +156,10 @@ def test_distillation_errors(data_root, tmp_path, capsys):
     cases = [(("--distill", "thumbdet"), "needs --teacher"),
              (("--teacher", ckpt), "--teacher needs --distill (thumbdet | ld | frs)"),
              (("--distill", "thumbdet", "--teacher", ckpt, "--init-from", ckpt), "drop --init-from"),
-             (("--distill", "thumbdet", "--teacher", ckpt, "--downsample-phase", "1"), "--downsample-phase")]
+             (("--distill", "thumbdet", "--teacher", ckpt, "--downsample-phase", "1"), "--downsample-phase"),
+             (("--distill", "thumbdet", "--teacher", ckpt, "--thumb-mode", "bicubic", "--thumb-init", "antialias"),
+              "only a learned thumbnail"),
+             (("--thumb-init", "antialias"), "is for --distill thumbdet")]
     for extra, message in cases:
         capsys.readouterr()
         assert train_mod.main(_args(data_root, "dsod_tiny", tmp_path / "s", "--iters", "1", *extra)) == 2
@@ -165,3 +168,21 @@ def test_distillation_errors(data_root, tmp_path, capsys):
     assert train_mod.main(_args(data_root, "ssd_tiny", tmp_path / "s", "--iters", "1", "--distill", "thumbdet",
                                 "--teacher", ckpt)) == 2
     assert "not a full-size ssd_tiny for this student" in capsys.readouterr().err
+
+
+def test_thumb_init_antialias_starts_the_student_behind_the_filter(data_root, tmp_path):
+    teacher_out = tmp_path / "teacher"
+    assert train_mod.main(_args(data_root, "dsod_tiny", teacher_out, "--iters", "1")) == 0
+    argv = _args(data_root, "dsod_tiny", tmp_path / "s", "--iters", "2", "--distill", "thumbdet", "--teacher",
+                 str(teacher_out / "checkpoint.pth"), "--thumb-scale", "4", "--thumb-init", "antialias")
+    trainer = train_mod.Trainer(train_mod.get_args_parser().parse_args(argv), DistInfo())
+    thumb = find_thumbnailer(trainer.model)
+    pixels = torch.rand(1, 3, 32, 32)
+    # The filter by hand: [1, 2, 1] / 4 per channel, stride 2, twice.
+    expected = pixels
+    kernel = torch.outer(torch.tensor([0.25, 0.5, 0.25]), torch.tensor([0.25, 0.5, 0.25])).expand(3, 1, 3, 3)
+    for _ in range(2):
+        expected = torch.nn.functional.conv2d(expected, kernel, stride=2, padding=1, groups=3)
+    with torch.no_grad():
+        assert torch.allclose(thumb.downsample(pixels.to(trainer.device)).cpu(), expected, atol=1e-6)
+    assert "anti-aliasing filter" in trainer._distill_text("")

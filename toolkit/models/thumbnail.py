@@ -18,6 +18,11 @@ data pipeline, the evaluator and the full-size teacher keep one input
 convention.  ``mode="bicubic"`` is the baseline: an antialiased bicubic resize to
 the learned thumbnail's size (clamped to [0, 1], as a stored image would be).
 
+The learned down-sampler starts at PyTorch's default initialisation, as officially;
+:meth:`Thumbnailer.init_antialias` (``toolkit.train --thumb-init antialias``)
+starts it instead as a fixed anti-aliasing filter, so that learning begins from a
+proper downsampled image rather than from random colour mixtures.
+
 State-dict keys: the learned layers are ``0.weight`` and ``2.weight`` of the
 module (``nn.Sequential`` numbering), so a DETR's ``backbone.0.down_sample.*``
 equal the official keys; the normalization constants are not saved.
@@ -33,6 +38,7 @@ from torch import nn
 
 THUMB_SCALES = (2, 4)
 THUMB_MODES = ("learned", "bicubic")
+THUMB_INITS = ("default", "antialias")
 # (kernel, stride, padding) of each convolution of the learned down-sampler, per scale.
 _LAYERS = {4: ((3, 2, 1), (3, 2, 1)), 2: ((5, 1, 1), (5, 2, 1))}
 
@@ -82,6 +88,44 @@ class Thumbnailer(nn.Sequential):
         # Plain floats, made into tensors of the input's dtype at each call: a float32 buffer would round 0.485
         # before a float64 run sees it (1e-8 relative, the fixtures' whole tolerance).
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    @torch.no_grad()
+    def init_antialias(self) -> "Thumbnailer":
+        """Start the learned down-sampler as a binomial (Gaussian-pyramid) low-pass filter with its stride, in place.
+
+        On a [0, 1] image every intermediate value is non-negative, so both ReLUs pass it and the down-sampler
+        computes, per colour channel, a fixed linear filter:
+
+        - 2x: the first convolution copies each channel (a centred 5x5 delta: the ``n - 2`` inner pixels), the
+          second applies the separable binomial ``[1, 4, 6, 4, 1] / 16`` at stride 2 (Burt and Adelson's pyramid
+          kernel);
+        - 4x: each convolution applies ``[1, 2, 1] / 4`` separably at stride 2.
+
+        The first convolution's other 9 output channels keep their random initialisation and the second
+        convolution reads them with zero weights: the output is exactly the filter, those zero weights get
+        gradients at once (they read non-zero inputs), and once they have moved the 9 channels' own weights do
+        too; none is left dead.  Zero padding darkens the border row and column as it would any convolution.
+
+        Raises:
+            ValueError: on a bicubic thumbnailer (nothing to initialise).
+        """
+        if self.mode != "learned":
+            raise ValueError("init_antialias: a bicubic thumbnailer has no down-sampler to initialise")
+        first, second = self[0], self[2]
+        if self.scale == 2:
+            kernel1 = torch.zeros(5, 5, dtype=torch.float64)
+            kernel1[2, 2] = 1.0
+            taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
+        else:
+            taps = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) / 4
+            kernel1 = torch.outer(taps, taps)
+        kernel2 = torch.outer(taps, taps)
+        first.weight[:3] = 0
+        second.weight.zero_()
+        for c in range(3):
+            first.weight[c, c] = kernel1.to(first.weight.dtype)
+            second.weight[c, c] = kernel2.to(second.weight.dtype)
+        return self
 
     def _constants(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def make(values):
