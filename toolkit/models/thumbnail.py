@@ -123,8 +123,8 @@ class Thumbnailer(nn.Sequential):
         first.weight[:3] = 0
         second.weight.zero_()
         for c in range(3):
-            first.weight[c, c] = kernel1.to(first.weight.dtype)
-            second.weight[c, c] = kernel2.to(second.weight.dtype)
+            first.weight[c, c] = kernel1.to(first.weight)
+            second.weight[c, c] = kernel2.to(second.weight)
         return self
 
     def _constants(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
