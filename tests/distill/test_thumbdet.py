@@ -152,14 +152,14 @@ def test_antialias_init_is_the_binomial_filter(scale):
     # A flat grey stays grey away from the zero-padded border.
     flat = thumb.downsample(torch.full((1, 3, 40, 40), 0.3, dtype=torch.float64))
     assert torch.allclose(flat[..., 2:-2, 2:-2], torch.tensor(0.3, dtype=torch.float64), atol=1e-12)
-    # Nothing is dead: the second layer's zero weights on the 9 random channels get gradients at once, and after
-    # one step every output channel of the first layer gets one too.
 
-    def gradients():
+    def gradients():  # per layer, which output channels' weights get a non-zero gradient
         thumb.zero_grad()
         (thumb.downsample(pixels) - 0.5).square().mean().backward()
         return [(layer.weight.grad != 0).flatten(1).any(dim=1) for layer in (thumb[0], thumb[2])]
 
+    # Nothing is dead: the second layer's zero weights on the 9 random channels get gradients at once, and after
+    # one step every output channel of the first layer gets one too.
     first, second = gradients()
     assert bool(second.all()) and bool((thumb[2].weight.grad[:, 3:] != 0).any()) and not bool(first[3:].any())
     torch.optim.SGD(thumb.parameters(), lr=0.01).step()
