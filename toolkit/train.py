@@ -393,7 +393,7 @@ class Trainer:
         if args.distill == "thumbdet" and self.is_gfl:
             raise ValueError(f"--distill thumbdet: {args.model} has a GFL head; ThumbDet is for the SSD and DETR "
                              "heads")
-        if args.distill != "thumbdet" and getattr(args, "thumb_init", "default") != "default":
+        if args.distill != "thumbdet" and args.thumb_init != "default":
             raise ValueError(f"--thumb-init {args.thumb_init} is for --distill thumbdet's learned down-sampler")
         if args.distill == "thumbdet" and args.init_from:
             raise ValueError("--distill thumbdet starts the student from the teacher's weights: drop --init-from")
