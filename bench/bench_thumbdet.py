@@ -6,15 +6,30 @@ run's final evaluation on the test split).  Latency is end to end on one
 full-size test image, batch 1: the test transform's output in, detections out
 (down-sampler, detector and post-processing: DetectionOutput's NMS for the SSD
 family, top-k for DETR), float32, eval mode, ``torch.no_grad``, trained weights
-(the NMS workload depends on them).  Rounds time the variants back to back after
-a warm-up; each variant's speed-up over the full-size model is the median of
-the per-round ratios, with their range.  GFLOPs: ``torch.utils.flop_counter``
-(multiply-adds count 2; the deformable attention op by the formula it registers,
-see ``toolkit.ops.ms_deform_attn``), post-processing left out.
+(the NMS workload depends on them).  Rounds time the variants back to back
+after a warm-up, each once for the network alone (down-sampler and detector, no
+post-processing) and once end to end; each variant's speed-ups over the
+full-size model are the medians of the per-round ratios, with their range.
+GFLOPs: ``torch.utils.flop_counter`` (multiply-adds count 2; the deformable
+attention op by the formula it registers, see ``toolkit.ops.ms_deform_attn``),
+post-processing left out.
 
 ``--figure PATH`` also draws the thumbnails of a few test images, each
 variant's beside the others (nearest-neighbour enlarged to one size, so their
 pixels show), under the full-size input.
+
+``--untrained PRESET`` times a preset's architecture instead of trained
+checkpoints: the preset at full size and with bicubic and learned 2x / 4x
+thumbnails, freshly initialised (seed 0), on the dataset's test image at the
+preset's own input size (e.g. ``dsod300`` at 300 px, ``deformable_detr`` at
+800 px on the short side, 1,333 at most): what a thumbnail buys where the
+convolutions, not the per-layer overheads of a 160-px CPU preset, dominate.
+An untrained SSD-family head
+spreads its scores over the classes (on ``shapes``' 6 classes, ``dsod300``'s
+lowest is 0.015), so every score clears DetectionOutput's 0.01 threshold, every
+class keeps its 400 top candidates and 200 detections come out, in every
+variant: the NMS workload of a trained model is lighter, and the end-to-end
+speed-ups conservative.  A DETR's top-k does not depend on the weights.
 
 Run from the repository root, e.g.::
 
@@ -22,6 +37,7 @@ Run from the repository root, e.g.::
         bicubic2=runs/td_b2/checkpoint.pth learned2=runs/td_l2/checkpoint.pth \\
         bicubic4=runs/td_b4/checkpoint.pth learned4=runs/td_l4/checkpoint.pth [--threads 2] [--rounds 30] \
         [--figure docs/thumbdet_thumbnails.png]
+    .venv/bin/python bench/bench_thumbdet.py --dataset shapes --untrained dsod300 --rounds 10
 """
 
 from __future__ import annotations
@@ -45,8 +61,10 @@ def model_inputs(images):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="+", metavar="NAME=CHECKPOINT",
+    parser.add_argument("variants", nargs="*", metavar="NAME=CHECKPOINT",
                         help="the first is the full-size reference of the speed-ups")
+    parser.add_argument("--untrained", metavar="PRESET",
+                        help="time this preset's architecture, untrained, at full size and with each thumbnail")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--data-root", type=Path)
     parser.add_argument("--threads", type=int, default=2)
@@ -64,21 +82,30 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    variants = {}
-    for item in args.variants:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"give NAME=CHECKPOINT, got {item!r}")
-        model, classes, model_name = load_trained_model(path, device)
-        metrics = Path(path).with_name("metrics.json")
-        mAP = json.loads(metrics.read_text()).get("mAP") if metrics.is_file() else None
-        variants[name] = (model, model_name, len(classes), mAP)
+    if bool(args.variants) == bool(args.untrained):
+        parser.error("give either NAME=CHECKPOINT variants or --untrained PRESET")
+    if args.untrained and args.figure is not None:
+        parser.error("--figure draws trained thumbnails: it does not go with --untrained")
+    if args.untrained:
+        num_classes = len(build_dataset(args.dataset, "test", root=args.data_root).classes)
+        variants = untrained_variants(args.untrained, num_classes)
+    else:
+        variants = {}
+        for item in args.variants:
+            name, _, path = item.partition("=")
+            if not path:
+                raise SystemExit(f"give NAME=CHECKPOINT, got {item!r}")
+            model, classes, model_name = load_trained_model(path, device)
+            metrics = Path(path).with_name("metrics.json")
+            mAP = json.loads(metrics.read_text()).get("mAP") if metrics.is_file() else None
+            variants[name] = (model, model_name, len(classes), mAP)
     _, model_name, num_classes, _ = next(iter(variants.values()))
     setup = inference_setup(model_name, num_classes)
     test = build_dataset(args.dataset, "test", root=args.data_root, transform=setup.transform)
     inputs, _ = setup.collate([test[args.image_index]])
-    print(f"{model_name} on one {args.dataset} test image, batch 1, float32, {cpu_name()}, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    size = "x".join(map(str, model_inputs(inputs)[0].shape[-2:]))
+    print(f"{model_name}{' (untrained)' if args.untrained else ''} on one {args.dataset} test image at {size}, "
+          f"batch 1, float32, {cpu_name()}, {args.threads} threads, torch {torch.__version__}")
 
     rows = {}
     for name, (model, _, _, mAP) in variants.items():
@@ -89,6 +116,8 @@ def main() -> None:
         rows[name] = dict(mAP=mAP, params=sum(p.numel() for p in model.parameters()),
                           gflops=counter.get_total_flops() / 1e9,
                           thumb="full" if thumb is None else f"{thumb.mode} {thumb.scale}x")
+    # per round and variant: the network alone (down-sampler and detector), then end to end
+    network = {name: [] for name in variants}
     times = {name: [] for name in variants}
     load = OtherLoad()
     with torch.no_grad():
@@ -97,17 +126,24 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, (model, *_) in variants.items():
                 t0 = time.perf_counter()
+                model(*model_inputs(inputs))
+                network[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 predict_batch(model, inputs, device, setup.predict_fn, setup.params)
                 times[name].append(time.perf_counter() - t0)
     reference = next(iter(variants))
-    print(f"  {'variant':12} {'input':>12} {'VOC07 mAP':>9} {'params':>10} {'GFLOPs':>7} {'median ms':>9} "
-          f"{'speed-up (range)':>22}")
+
+    def speedup(samples: dict, name: str) -> str:
+        ratios = sorted(r / t for r, t in zip(samples[reference], samples[name]))
+        return f"{statistics.median(ratios):5.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}x)"
+
+    print(f"  {'variant':12} {'input':>12} {'VOC07 mAP':>9} {'params':>10} {'GFLOPs':>7} {'network ms':>10} "
+          f"{'speed-up (range)':>20} {'end-to-end ms':>13} {'speed-up (range)':>20}")
     for name, row in rows.items():
-        ratios = sorted(r / t for r, t in zip(times[reference], times[name]))
         mAP = "-" if row["mAP"] is None else f"{100 * row['mAP']:.1f}"
         print(f"  {name:12} {row['thumb']:>12} {mAP:>9} {row['params']:>10,} {row['gflops']:7.3f} "
-              f"{statistics.median(times[name]) * 1e3:9.2f} "
-              f"{statistics.median(ratios):7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+              f"{statistics.median(network[name]) * 1e3:10.2f} {speedup(network, name):>20} "
+              f"{statistics.median(times[name]) * 1e3:13.2f} {speedup(times, name):>20}")
     cores = load.cores()
     if cores is not None:
         print(f"other processes used {cores:.2f} cores during the measurements")
@@ -119,6 +155,30 @@ def main() -> None:
         batch, _ = setup.collate([test[i] for i in range(args.figure_images)])
         draw_thumbnails(students, model_inputs(batch)[0], rows, args.figure)
         print(f"wrote {args.figure}")
+
+
+def untrained_variants(preset: str, num_classes: int) -> dict:
+    """``{name: (model in eval mode, preset, num_classes, None)}``: ``preset`` freshly initialised (seed 0) at full
+    size, then with bicubic and learned 2x and 4x thumbnails; ``num_classes`` includes the background."""
+    from dataclasses import replace
+
+    from toolkit.engine import add_ssd_thumbnail
+    from toolkit.models.build import MODELS, build_model
+    from toolkit.models.detr.training import DETR_PRESETS, build_detr_model, preset_config
+
+    if preset not in MODELS and preset not in DETR_PRESETS:
+        raise SystemExit(f"--untrained: unknown preset {preset!r}; choose from {sorted({*MODELS, *DETR_PRESETS})}")
+    variants = {}
+    for name, scale, mode in (("full", 1, "learned"), ("bicubic2", 2, "bicubic"), ("learned2", 2, "learned"),
+                              ("bicubic4", 4, "bicubic"), ("learned4", 4, "learned")):
+        torch.manual_seed(0)
+        if preset in DETR_PRESETS:  # the DETR head counts foreground classes only
+            cfg = replace(preset_config(preset, num_classes - 1), thumb_scale=scale, thumb_mode=mode)
+            model = build_detr_model(cfg)
+        else:
+            model = add_ssd_thumbnail(build_model(preset, num_classes), preset, scale, mode)
+        variants[name] = (model.eval(), preset, num_classes, None)
+    return variants
 
 
 def draw_thumbnails(students: dict, images: torch.Tensor, rows: dict, path: Path) -> None:
