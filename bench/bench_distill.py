@@ -4,8 +4,9 @@ Each group is ``LABEL=RUN[,RUN...]``: run folders of ``toolkit.train`` (the same
 checkpoint is evaluated on ``--dataset``'s test split with its preset's test pipeline and post-processing (batch
 16, float32): VOC07 and VOC12 AP (``toolkit.evaluation.voc``) and COCO-style AP, AP50 and AP75 (pycocotools'
 COCOeval on the same ground truth converted to COCO, difficult objects as crowd regions).  A group prints each
-metric's mean over its runs and, with two runs or more, the range; ``--baseline LABEL`` adds each group's VOC07
-difference to that group's mean and whether it exceeds the spread of both groups' seeds.
+metric's mean over its runs and, with two runs or more, the range; ``--baseline LABEL`` adds each group's
+difference to that group's mean and whether it exceeds the spread of both groups' seeds, in VOC07 or in each
+metric ``--compare`` names.
 
 Run from the repository root, e.g.::
 
@@ -71,7 +72,9 @@ def main() -> None:
     parser.add_argument("groups", nargs="+", help="LABEL=RUN[,RUN...]")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--data-root", type=Path)
-    parser.add_argument("--baseline", help="the LABEL the others are compared with (VOC07)")
+    parser.add_argument("--baseline", help="the LABEL the others are compared with")
+    parser.add_argument("--compare", nargs="+", choices=METRICS, default=["voc07"], metavar="METRIC",
+                        help=f"the metrics compared with --baseline's, of {', '.join(METRICS)} (default voc07)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every run's metrics here")
     args = parser.parse_args()
@@ -100,15 +103,16 @@ def main() -> None:
             cells.append(f"{v.mean():.4f}" + (f" ({v.min():.3f}-{v.max():.3f})" if len(v) > 1 else " " * 14))
         print(f"  {label:14} {len(rows):>4} " + " ".join(f"{c:>19}" for c in cells))
     if args.baseline is not None:
-        base = np.array([r["voc07"] for r in values[args.baseline]])
         for label, rows in values.items():
             if label == args.baseline:
                 continue
-            v = np.array([r["voc07"] for r in rows])
-            beyond = v.min() > base.max() or v.max() < base.min()
-            print(f"  {label} - {args.baseline}: VOC07 {100 * (v.mean() - base.mean()):+.2f} points "
-                  f"({'beyond' if beyond else 'within'} the seeds' spread: {v.min():.4f}-{v.max():.4f} vs "
-                  f"{base.min():.4f}-{base.max():.4f})")
+            for m in args.compare:
+                base = np.array([r[m] for r in values[args.baseline]])
+                v = np.array([r[m] for r in rows])
+                beyond = v.min() > base.max() or v.max() < base.min()
+                print(f"  {label} - {args.baseline}: {m.upper()} {100 * (v.mean() - base.mean()):+.2f} points "
+                      f"({'beyond' if beyond else 'within'} the seeds' spread: {v.min():.4f}-{v.max():.4f} vs "
+                      f"{base.min():.4f}-{base.max():.4f})")
     if args.json is not None:
         args.json.write_text(json.dumps({label: {str(run): row for run, row in zip(groups[label], rows)}
                                          for label, rows in values.items()}, indent=1))
