@@ -6,7 +6,7 @@ checkpoint is evaluated on ``--dataset``'s test split with its preset's test pip
 COCOeval on the same ground truth converted to COCO, difficult objects as crowd regions).  A group prints each
 metric's mean over its runs and, with two runs or more, the range; ``--baseline LABEL`` adds each group's
 difference to that group's mean and whether it exceeds the spread of both groups' seeds, in VOC07 or in each
-metric ``--compare`` names.
+metric of ``--compare`` (comma-separated, e.g. ``voc07,coco``).
 
 Run from the repository root, e.g.::
 
@@ -67,13 +67,22 @@ def evaluate_run(run: Path, dataset_name: str, data_root, cache: dict) -> dict[s
     return values
 
 
+def metric_list(text: str) -> tuple[str, ...]:
+    """``"voc07,coco"`` -> ``("voc07", "coco")`` (argparse type of ``--compare``)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in METRICS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {unknown or [text]}; choose from {', '.join(METRICS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", help="LABEL=RUN[,RUN...]")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--data-root", type=Path)
     parser.add_argument("--baseline", help="the LABEL the others are compared with")
-    parser.add_argument("--compare", nargs="+", choices=METRICS, default=["voc07"], metavar="METRIC",
+    parser.add_argument("--compare", type=metric_list, default=("voc07",), metavar="METRIC[,METRIC...]",
                         help=f"the metrics compared with --baseline's, of {', '.join(METRICS)} (default voc07)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every run's metrics here")
