@@ -24,12 +24,12 @@ thumbnails, freshly initialised (seed 0), on the dataset's test image at the
 preset's own input size (e.g. ``dsod300`` at 300 px, ``deformable_detr`` at
 800 px on the short side, 1,333 at most): what a thumbnail buys where the
 convolutions, not the per-layer overheads of a 160-px CPU preset, dominate.
-An untrained SSD-family head
-spreads its scores over the classes (on ``shapes``' 6 classes, ``dsod300``'s
-lowest is 0.015), so every score clears DetectionOutput's 0.01 threshold, every
-class keeps its 400 top candidates and 200 detections come out, in every
-variant: the NMS workload of a trained model is lighter, and the end-to-end
-speed-ups conservative.  A DETR's top-k does not depend on the weights.
+An untrained SSD-family head spreads its scores over the classes (on
+``shapes``' 6 classes, ``dsod300``'s lowest is 0.015), so every score clears
+DetectionOutput's 0.01 threshold, every class keeps its 400 top candidates and
+200 detections come out, in every variant: the NMS workload of a trained model
+is lighter, and the end-to-end speed-ups conservative.  A DETR's top-k does not
+depend on the weights.
 
 Run from the repository root, e.g.::
 
