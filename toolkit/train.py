@@ -139,10 +139,10 @@ SOLVERS: dict[str, SolverPreset] = {
     "ssd300": SolverPreset(0.001, (80000, 100000, 120000), 120000, batch_size=8),
     "ssd_tiny": SolverPreset(0.01, (1200, 1650), 1900, batch_size=24, warmup_iters=200),
     # The CPU preset for the shapes dataset (the README's main job: make run adds --amp --cache-images
-    # --workers 0).  Batch 16 at lr 0.2 x 16 / 24, 4,050 iterations: the same 64,800 images and CPU time as the
-    # earlier batch 24 x 2,700 (lr 0.2, steps 2,100 / 2,500), one and a half times the updates, which lifted VOC07
-    # mAP from 0.76-0.78 (four runs) to 0.81-0.82 (README, "The main job").
-    "dsod_tiny": SolverPreset(0.2 * 16 / 24, (3150, 3750), 4050, batch_size=16, warmup_iters=100, augment="mirror"),
+    # --workers 0).  Batch 16 at lr 0.2 x 16 / 24 for 4,800 iterations (76,800 images, 9.6 epochs), decays at the
+    # same fractions as the earlier batch 24 x 2,700 at lr 0.2 (steps 2,100 / 2,500), whose VOC07 mAP was 0.76-0.78
+    # on 2core-xeon-m167 (README, "The main job"; bench/RESULTS.md, "make run").
+    "dsod_tiny": SolverPreset(0.2 * 16 / 24, (3733, 4444), 4800, batch_size=16, warmup_iters=100, augment="mirror"),
     # The GFL head on the same backbones (toolkit.models.gfl).  gfl_dsod_tiny: dsod_tiny's recipe, VOC07 mAP 0.802
     # (--amp --cache-images --workers 0, OMP_NUM_THREADS=1 beside another training job: 1,643 s); 400-iteration
     # runs reached 0.34 against dsod_tiny's 0.14, and predictors without BatchNorm diverged at lr 0.1.
