@@ -139,11 +139,12 @@ SOLVERS: dict[str, SolverPreset] = {
     "ssd300": SolverPreset(0.001, (80000, 100000, 120000), 120000, batch_size=8),
     "ssd_tiny": SolverPreset(0.01, (1200, 1650), 1900, batch_size=24, warmup_iters=200),
     # The CPU preset for the shapes dataset (the README's main job: make run adds --amp --cache-images
-    # --workers 0).  Batch 16 at lr 0.2 x 16 / 24 for 4,800 iterations (76,800 images, 9.6 epochs), decays at the
-    # same fractions as the earlier batch 24 x 2,700 at lr 0.2 (steps 2,100 / 2,500), whose VOC07 mAP was 0.76-0.78
-    # on 2core-xeon-m167 (README, "The main job"; bench/RESULTS.md, "make run").
+    # --workers 0): batch 16 at lr 0.2 x 16 / 24 for 4,800 iterations (9.6 epochs), VOC07 mAP 0.812 after 773 s of
+    # training on 2 cores (2026-12-06).  Until then batch 24 x 2,700 at lr 0.2 (steps 2,100 / 2,500, the same
+    # fractions): 0.810 on one machine, 0.761-0.782 on another (README, "The main job"; bench/RESULTS.md, "make run").
     "dsod_tiny": SolverPreset(0.2 * 16 / 24, (3733, 4444), 4800, batch_size=16, warmup_iters=100, augment="mirror"),
-    # The GFL head on the same backbones (toolkit.models.gfl).  gfl_dsod_tiny: dsod_tiny's recipe, VOC07 mAP 0.802
+    # The GFL head on the same backbones (toolkit.models.gfl).  gfl_dsod_tiny: dsod_tiny's recipe until 2026-12-06
+    # (batch 24 x 2,700; with dsod_tiny's batch 16 x 4,050 since, 0.801 against the SSD head's 0.815), VOC07 mAP 0.802
     # (--amp --cache-images --workers 0, OMP_NUM_THREADS=1 beside another training job: 1,643 s); 400-iteration
     # runs reached 0.34 against dsod_tiny's 0.14, and predictors without BatchNorm diverged at lr 0.1.
     # gfl_dsod300: DSOD300's solver with GFL's 500-iteration linear warm-up (not run here).
@@ -938,8 +939,8 @@ class Trainer:
         plot_loss(self.history, self.evals, self.out / "loss.png", self.loss_keys)
         thumb_adam = "" if self.thumb_optimizer is None else f"; down-sampler on Adam, lr {self.args.downsample_lr}"
         lines = [f"# Training report: {self.args.model} on {self.args.dataset}", "",
-                 f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), "
-                 f"batch {self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
+                 f"- iterations: {self.iteration} ({self.plan.iters_per_epoch} per epoch), batch "
+                 f"{self.plan.solver.batch_size} x accum {self.plan.solver.accum} x {self.dist.world} process(es)",
                  _solver_text(self.plan.solver),
                  *([self._distill_text(thumb_adam)] if self.teacher is not None else []),
                  f"- wall time: {seconds / 60:.1f} min",
@@ -986,8 +987,8 @@ def _solver_text(s: SolverPreset) -> str:
         return (f"- solver: AdamW lr {s.base_lr} (backbone {s.lr_backbone}, sampling offsets and reference points "
                 f"x{s.lr_linear_proj_mult}), weight decay {s.weight_decay}, gradient norm clipped at "
                 f"{s.clip_max_norm}, lr x{s.gamma} at {list(s.steps)}")
-    return (f"- solver: lr {s.base_lr:.4g}, steps {list(s.steps)}, momentum {s.momentum}, weight decay {s.weight_decay}, "
-            f"warm-up {s.warmup_iters}")
+    return (f"- solver: lr {s.base_lr:.4g}, steps {list(s.steps)}, momentum {s.momentum}, "
+            f"weight decay {s.weight_decay}, warm-up {s.warmup_iters}")
 
 
 def plot_loss(history: Sequence[dict], evals: Sequence[dict], path: Path,
