@@ -14,6 +14,12 @@ GFLOPs: ``torch.utils.flop_counter`` (multiply-adds count 2; the deformable
 attention op by the formula it registers, see ``toolkit.ops.ms_deform_attn``),
 post-processing left out.
 
+``--compile`` times each variant through ``torch.compile`` (inductor, its default mode: fused
+kernels, fewer per-operation costs) instead of eager PyTorch; each variant compiles once before
+the warm-up, GFLOPs are still counted on the eager model.  It asks whether the speed-ups are
+bounded by per-operation overheads, which compilation removes, or by work that does not shrink
+with the input (a DETR's decoder queries).
+
 ``--figure PATH`` also draws the thumbnails of a few test images, each
 variant's beside the others (nearest-neighbour enlarged to one size, so their
 pixels show), under the full-size input.
@@ -36,7 +42,7 @@ Run from the repository root, e.g.::
     .venv/bin/python bench/bench_thumbdet.py --dataset shapes full=runs/main/checkpoint.pth \\
         bicubic2=runs/td_b2/checkpoint.pth learned2=runs/td_l2/checkpoint.pth \\
         bicubic4=runs/td_b4/checkpoint.pth learned4=runs/td_l4/checkpoint.pth [--threads 2] [--rounds 30] \
-        [--figure docs/thumbdet_thumbnails.png]
+        [--figure docs/thumbdet_thumbnails.png] [--compile]
     .venv/bin/python bench/bench_thumbdet.py --dataset shapes --untrained dsod300 --rounds 10
 """
 
@@ -72,6 +78,8 @@ def main() -> None:
     parser.add_argument("--image-index", type=int, default=0, help="which test image to time")
     parser.add_argument("--figure", type=Path, help="write the thumbnails of --figure-images test images here (PNG)")
     parser.add_argument("--figure-images", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="time each variant through torch.compile (inductor) instead of eager PyTorch")
     args = parser.parse_args()
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -105,7 +113,8 @@ def main() -> None:
     inputs, _ = setup.collate([test[args.image_index]])
     size = "x".join(map(str, model_inputs(inputs)[0].shape[-2:]))
     print(f"{model_name}{' (untrained)' if args.untrained else ''} on one {args.dataset} test image at {size}, "
-          f"batch 1, float32, {cpu_name()}, {args.threads} threads, torch {torch.__version__}")
+          f"batch 1, float32, {cpu_name()}, {args.threads} threads, torch {torch.__version__}"
+          f"{', torch.compile (inductor)' if args.compile else ', eager'}")
 
     rows = {}
     for name, (model, _, _, mAP) in variants.items():
@@ -116,15 +125,23 @@ def main() -> None:
         rows[name] = dict(mAP=mAP, params=sum(p.numel() for p in model.parameters()),
                           gflops=counter.get_total_flops() / 1e9,
                           thumb="full" if thumb is None else f"{thumb.mode} {thumb.scale}x")
+    timed = {name: v[0] for name, v in variants.items()}
+    if args.compile:
+        with torch.no_grad():
+            for name, model in timed.items():
+                t0 = time.perf_counter()
+                timed[name] = torch.compile(model)
+                timed[name](*model_inputs(inputs))
+                print(f"  compiled {name} in {time.perf_counter() - t0:.0f} s")
     # per round and variant: the network alone (down-sampler and detector), then end to end
     network = {name: [] for name in variants}
     times = {name: [] for name in variants}
     load = OtherLoad()
     with torch.no_grad():
-        for model, *_ in variants.values():
+        for model in timed.values():
             predict_batch(model, inputs, device, setup.predict_fn, setup.params)  # warm-up
         for _ in range(args.rounds):
-            for name, (model, *_) in variants.items():
+            for name, model in timed.items():
                 t0 = time.perf_counter()
                 model(*model_inputs(inputs))
                 network[name].append(time.perf_counter() - t0)
