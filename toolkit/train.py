@@ -144,17 +144,16 @@ SOLVERS: dict[str, SolverPreset] = {
     # fractions): 0.810 on one machine, 0.761-0.782 on another (README, "The main job"; bench/RESULTS.md, "make run").
     "dsod_tiny": SolverPreset(0.2 * 16 / 24, (3733, 4444), 4800, batch_size=16, warmup_iters=100, augment="mirror"),
     # The GFL head on the same backbones (toolkit.models.gfl).  gfl_dsod_tiny: dsod_tiny's recipe until 2026-12-06
-    # (batch 24 x 2,700; with dsod_tiny's batch 16 x 4,050 since, 0.801 against the SSD head's 0.815), VOC07 mAP 0.802
+    # (batch 24 x 2,700), VOC07 mAP 0.802 (one seed at dsod_tiny's batch 16 x 4,050: 0.801, the SSD head 0.815)
     # (--amp --cache-images --workers 0, OMP_NUM_THREADS=1 beside another training job: 1,643 s); 400-iteration
     # runs reached 0.34 against dsod_tiny's 0.14, and predictors without BatchNorm diverged at lr 0.1.
     # gfl_dsod300: DSOD300's solver with GFL's 500-iteration linear warm-up (not run here).
     "gfl_dsod_tiny": SolverPreset(0.2, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror"),
     "gfl_dsod300": SolverPreset(0.1, (20000, 40000, 60000, 80000), 100000, batch_size=4, accum=4, warmup_iters=500),
 }
-# The distillation students (issue 15's figures): the recipe their figures were measured with, dsod_tiny's until
-# 2026-12-06 (batch 24, 2,700 iterations), which gfl_dsod_tiny keeps.
-SOLVERS["dsod_nano"] = SolverPreset(0.2, (2100, 2500), 2700, batch_size=24, warmup_iters=100, augment="mirror")
-SOLVERS["gfl_dsod_nano"] = SOLVERS["gfl_dsod_tiny"]
+# The distillation students (issue 15's figures): the recipe their figures were measured with, gfl_dsod_tiny's
+# (dsod_tiny's until 2026-12-06: batch 24, 2,700 iterations).
+SOLVERS["dsod_nano"] = SOLVERS["gfl_dsod_nano"] = SOLVERS["gfl_dsod_tiny"]
 # Deformable DETR's main.py defaults (Sparse DETR keeps them): AdamW lr 2e-4, backbone 2e-5, offsets x0.1, weight
 # decay 1e-4, clip 0.1, batch 2, 50 epochs, lr / 10 after 40.
 _DETR_SOLVER = SolverPreset(2e-4, (), 0, batch_size=2, weight_decay=1e-4, augment="detr", optimizer="adamw",
