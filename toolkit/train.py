@@ -101,7 +101,7 @@ from toolkit.models.layers import guard_strided_convs
 from toolkit.models.multibox_loss import MultiBoxLoss, MultiBoxLossParams
 from toolkit.models.postprocess import NMS_KINDS
 from toolkit.models.state_dict import state_dict_mismatch
-from toolkit.models.thumbnail import THUMB_INITS, find_thumbnailer
+from toolkit.models.thumbnail import THUMB_INITS, THUMB_MODES, find_thumbnailer
 
 DISTILL_METHODS = ("thumbdet", "ld", "frs")
 
@@ -247,9 +247,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "size and preprocessing (e.g. gfl_dsod_tiny for gfl_dsod_nano)")
     d.add_argument("--thumb-scale", type=int, choices=(1, 2, 4), default=4,
                    help="thumbnail scale (default 4, ThumbDet's; 1: the full-size model with the same schedule)")
-    d.add_argument("--thumb-mode", choices=("learned", "bicubic"), default="learned",
-                   help="learned: ThumbDet's down-sampler; bicubic: the baseline (nothing to learn: the down-sampler "
-                        "phase is skipped)")
+    d.add_argument("--thumb-mode", choices=THUMB_MODES, default="learned",
+                   help="learned: ThumbDet's down-sampler; bicubic: the baseline, an antialiased bicubic resize; "
+                        "bicubic_aliased: the same without anti-aliasing, as cv2.INTER_CUBIC (nothing to learn in "
+                        "either: the down-sampler phase is skipped)")
     d.add_argument("--thumb-init", choices=THUMB_INITS, default="default",
                    help="the learned down-sampler's start: default (PyTorch's initialisation, as officially) or "
                         "antialias (a binomial low-pass filter at its stride, Thumbnailer.init_antialias)")

@@ -100,7 +100,7 @@ def test_fm_loss_by_hand():
 @pytest.mark.parametrize("scale, size", [(4, (75, 100)), (2, (148, 198))])
 def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
     assert thumbnail_size(300, 400, scale) == size
-    for mode in ("learned", "bicubic"):
+    for mode in ("learned", "bicubic", "bicubic_aliased"):
         # Caffe's (x - mean) * 0.017 on BGR 0-255 pixels, as DSOD's nets take them.
         t = Thumbnailer(scale, mode, mean=(104 / 255, 117 / 255, 123 / 255), std=(1 / (255 * 0.017),) * 3, bgr=True)
         pixels = torch.rand(2, 3, 300, 400, dtype=torch.float64)
@@ -111,10 +111,31 @@ def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
         assert out["images"].shape[-2:] == size and out["downsample_input"].shape[-2:] == size
         assert torch.allclose(t.to_pixels(out["images"]), out["downsample_input"], atol=1e-12)
     assert [k for k in Thumbnailer(4).state_dict()] == ["0.weight", "2.weight"]
-    assert not Thumbnailer(4, "bicubic").state_dict()
+    assert not Thumbnailer(4, "bicubic").state_dict() and not Thumbnailer(4, "bicubic_aliased").state_dict()
     assert Thumbnailer(4, "bicubic")  # no layers, yet a thumbnailer: `if thumbnailer:` must not read it as none
     with pytest.raises(ValueError, match="scale"):
         Thumbnailer(3)
+    with pytest.raises(ValueError, match="bicubic_aliased"):
+        Thumbnailer(4, "bilinear")
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_aliased_bicubic_is_opencvs_inter_cubic(scale):
+    """``bicubic_aliased`` is the resize of ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` (no anti-aliasing);
+    ``bicubic`` is not: it low-passes first, so on noise the two differ by far more than float rounding."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(scale)
+    pixels = rng.random((2, 3, 61, 90)).astype(np.float32)
+    size = thumbnail_size(61, 90, scale)
+    aliased = Thumbnailer(scale, "bicubic_aliased").downsample(torch.from_numpy(pixels)).numpy()
+    smooth = Thumbnailer(scale, "bicubic").downsample(torch.from_numpy(pixels)).numpy()
+    for b in range(2):
+        expected = cv2.resize(pixels[b].transpose(1, 2, 0), (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+        expected = np.clip(expected, 0, 1).transpose(2, 0, 1)  # the thumbnailer clamps as a stored image would
+        np.testing.assert_allclose(aliased[b], expected, rtol=0, atol=1e-5)
+        assert np.abs(smooth[b] - expected).max() > 0.1
+    # Aliasing keeps more of the noise's variance than the antialiased resize does.
+    assert aliased.var() > 1.5 * smooth.var()
 
 
 def _naive_strided_filter(image: np.ndarray, taps: list[float], stride: int, pad: int) -> np.ndarray:
@@ -165,5 +186,6 @@ def test_antialias_init_is_the_binomial_filter(scale):
     torch.optim.SGD(thumb.parameters(), lr=0.01).step()
     first, second = gradients()
     assert bool(first.all()) and bool(second.all())
-    with pytest.raises(ValueError, match="bicubic"):
-        Thumbnailer(scale, "bicubic").init_antialias()
+    for mode in ("bicubic", "bicubic_aliased"):
+        with pytest.raises(ValueError, match="bicubic"):
+            Thumbnailer(scale, mode).init_antialias()

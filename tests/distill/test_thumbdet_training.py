@@ -11,7 +11,7 @@ import torch
 from conftest import kill_after_checkpoint
 from toolkit import train as train_mod
 from toolkit.data.shapes import generate_shapes
-from toolkit.engine import DistInfo
+from toolkit.engine import DistInfo, load_trained_model
 from toolkit.evaluate import main as evaluate_main
 from toolkit.models.thumbnail import find_thumbnailer
 from toolkit.predict import main as predict_main
@@ -119,7 +119,7 @@ def test_a_student_checkpoint_evaluates_and_predicts_at_full_size(teacher, data_
 def test_bicubic_and_full_size_baselines_start_at_the_second_phase(data_root, tmp_path):
     teacher_out = tmp_path / "teacher"
     assert train_mod.main(_args(data_root, "dsod_tiny", teacher_out, "--iters", "1")) == 0
-    for flags in (("--thumb-mode", "bicubic"), ("--thumb-scale", "1")):
+    for flags in (("--thumb-mode", "bicubic"), ("--thumb-mode", "bicubic_aliased"), ("--thumb-scale", "1")):
         out = tmp_path / "_".join(flags).strip("-")
         assert train_mod.main(_args(data_root, "dsod_tiny", out, "--iters", "4", "--distill", "thumbdet",
                                     "--teacher", str(teacher_out / "checkpoint.pth"), "--downsample-phase", "0.5",
@@ -129,6 +129,10 @@ def test_bicubic_and_full_size_baselines_start_at_the_second_phase(data_root, tm
         assert all(h["loss_downsample"] == 0 and h["loss_kd"] > 0 for h in history)
         state = torch.load(out / "checkpoint.pth", weights_only=True)
         assert not any("down_sample." in k for k in state["model"])  # nothing learned in front of the detector
+        if flags[0] == "--thumb-mode":  # the checkpoint rebuilds the same resize
+            assert state["thumbnail"] == {"scale": 4, "mode": flags[1]}
+            model, _, _ = load_trained_model(out / "checkpoint.pth")
+            assert find_thumbnailer(model).mode == flags[1]
 
 
 def test_a_killed_student_resumes_exactly(data_root, tmp_path, monkeypatch):

@@ -16,7 +16,12 @@ std on RGB; Caffe's ``(x - mean) * scale`` on BGR 0-255): it maps the normalized
 input back to [0, 1] RGB, makes the thumbnail, and normalizes it again, so the
 data pipeline, the evaluator and the full-size teacher keep one input
 convention.  ``mode="bicubic"`` is the baseline: an antialiased bicubic resize to
-the learned thumbnail's size (clamped to [0, 1], as a stored image would be).
+the learned thumbnail's size (clamped to [0, 1], as a stored image would be);
+``mode="bicubic_aliased"`` the same resize without anti-aliasing (the 4x4-tap
+bicubic of ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` and of
+``F.interpolate``'s default, which reads 4 of every 16 input pixels per axis at 4x).
+ThumbDet's paper compares with "bicubic" thumbnails made by a script that is not
+in its repository, so which of the two it used is not known.
 
 The learned down-sampler starts at PyTorch's default initialisation, as officially;
 :meth:`Thumbnailer.init_antialias` (``toolkit.train --thumb-init antialias``)
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 THUMB_SCALES = (2, 4)
-THUMB_MODES = ("learned", "bicubic")
+THUMB_MODES = ("learned", "bicubic", "bicubic_aliased")
 THUMB_INITS = ("default", "antialias")
 # (kernel, stride, padding) of each convolution of the learned down-sampler, per scale.
 _LAYERS = {4: ((3, 2, 1), (3, 2, 1)), 2: ((5, 1, 1), (5, 2, 1))}
@@ -65,7 +70,8 @@ class Thumbnailer(nn.Sequential):
 
     Args:
         scale: 2 or 4.
-        mode: ``"learned"`` (ThumbDet's down-sampler) or ``"bicubic"`` (no parameters).
+        mode: ``"learned"`` (ThumbDet's down-sampler), ``"bicubic"`` (antialiased) or ``"bicubic_aliased"``
+            (without anti-aliasing); the bicubic modes have no parameters.
         mean, std: the detector's input normalization, per input channel: ``input = (pixel - mean) / std`` with
             ``pixel`` in [0, 1] (DETR: the ImageNet mean and std; Caffe's ``(x - m) * s`` on 0-255 pixels:
             ``mean = m / 255``, ``std = 1 / (255 * s)``).
@@ -152,7 +158,8 @@ class Thumbnailer(nn.Sequential):
                 pixels = layer(pixels)
             return pixels
         size = thumbnail_size(*pixels.shape[-2:], self.scale)
-        return F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        return F.interpolate(pixels, size=size, mode="bicubic", align_corners=False,
+                             antialias=self.mode == "bicubic").clamp(0, 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images`` normalized ``(B, 3, H, W)`` -> ``{"images": the normalized thumbnail (B, 3, h, w),

@@ -57,7 +57,7 @@ class ResNetBody(nn.Module):
         weights: a local torchvision ResNet state dict file to start from (nothing is downloaded).
         thumb_scale: 2 or 4: ThumbDet's thumbnail in front of the ResNet (``down_sample``, its official name; see
             :mod:`toolkit.models.thumbnail`); 1: none.
-        thumb_mode: ``"learned"`` (ThumbDet) or ``"bicubic"`` (the baseline).
+        thumb_mode: ``"learned"`` (ThumbDet), ``"bicubic"`` or ``"bicubic_aliased"`` (the baselines).
     """
 
     def __init__(self, name: str = "resnet50", multi_scale: bool = True, dilation: bool = False,

@@ -26,6 +26,7 @@ from toolkit.models.detr.backbone import DSOD_BACKBONES, DSODBody, Joiner, ResNe
 from toolkit.models.detr.deformable_transformer import DeformableTransformer, _clones, inverse_sigmoid
 from toolkit.models.detr.position_encoding import SinePositionEncoding
 from toolkit.models.gfl import GFLHead, grid_anchors
+from toolkit.models.thumbnail import THUMB_MODES
 
 
 class MLP(nn.Module):
@@ -73,7 +74,8 @@ class DeformableDETRConfig:
     eff_query_init: bool = False
     eff_specific_head: bool = False
     # ThumbDet (zhangyin1996/ThumbDet): the backbone sees a thumbnail_scale-times smaller image made by a learned
-    # down-sampler (thumb_mode "learned") or by bicubic resizing (the baseline); 1: the full image.
+    # down-sampler (thumb_mode "learned") or by bicubic resizing (the baselines "bicubic", antialiased, and
+    # "bicubic_aliased"); 1: the full image.
     thumb_scale: int = 1
     thumb_mode: str = "learned"
     # H-DETR's hybrid matching (HDETR/H-Deformable-DETR, --num_queries_one2many): extra queries, trained only, with
@@ -96,8 +98,8 @@ class DeformableDETRConfig:
                                             or self.eff_specific_head):
             raise ValueError("rho, use_enc_aux_loss, eff_query_init and eff_specific_head are Sparse DETR options "
                              "(family='sparse')")
-        if self.thumb_scale not in (1, 2, 4) or self.thumb_mode not in ("learned", "bicubic"):
-            raise ValueError(f"thumb_scale must be 1, 2 or 4 and thumb_mode 'learned' or 'bicubic', got "
+        if self.thumb_scale not in (1, 2, 4) or self.thumb_mode not in THUMB_MODES:
+            raise ValueError(f"thumb_scale must be 1, 2 or 4 and thumb_mode one of {THUMB_MODES}, got "
                              f"{self.thumb_scale} and {self.thumb_mode!r}")
         if self.aux_dense_anchor_scale <= 0:
             raise ValueError(f"aux_dense_anchor_scale must be positive, got {self.aux_dense_anchor_scale}")
