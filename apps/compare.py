@@ -6,7 +6,8 @@ For a loaded model (any family :mod:`toolkit` loads) and one image, :func:`compa
 - ``bicubic 1/2`` and ``bicubic 1/4``: the same detector behind an antialiased bicubic thumbnail
   (:class:`toolkit.models.thumbnail.Thumbnailer`, the ThumbDet baseline; the SSD family's priors computed for
   the smaller input, as :func:`toolkit.models.build.add_thumbnail` does);
-- ``learned 1/s``: a ThumbDet student as trained, with its learned down-sampler,
+- ``learned 1/s``: a ThumbDet student as trained, with its learned down-sampler (``bicubic_aliased 1/s`` for a
+  student trained behind a bicubic resize without anti-aliasing, ``toolkit.train --thumb-mode bicubic_aliased``),
 
 and returns per scale the detections (boxes in the image's pixels), the thumbnail the detector saw, the latency
 (median of several runs after a warm-up, batch 1: preprocessed input in, detections out), the GFLOPs of the
@@ -97,7 +98,7 @@ class ScaleRun:
     """One scale's results.
 
     Attributes:
-        label: ``"full"``, ``"bicubic 1/2"``, ``"bicubic 1/4"`` or ``"learned 1/s"``.
+        label: ``"full"``, ``"bicubic 1/2"``, ``"bicubic 1/4"``, ``"learned 1/s"`` or ``"bicubic_aliased 1/s"``.
         scale, mode: the thumbnail's scale (1: full size) and mode (``None`` at full size).
         input_hw: ``(h, w)`` the detector's backbone sees.
         boxes: ``float32 (K, 4)`` xyxy in continuous pixels of the image; ``scores`` ``(K,)``; ``labels`` ``(K,)``
@@ -184,12 +185,12 @@ def prepare_image(image_bgr: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.n
 
 
 def scales_for(loaded: LoadedModel) -> list[tuple[int, Optional[str]]]:
-    """The ``(scale, mode)`` pairs to run: full size, bicubic 1/2 and 1/4, and the model's learned thumbnail
-    (full size alone for a ``fixed_input`` model)."""
+    """The ``(scale, mode)`` pairs to run: full size, bicubic 1/2 and 1/4, and the model's own thumbnail when it is
+    another kind (learned, or bicubic without anti-aliasing; full size alone for a ``fixed_input`` model)."""
     if loaded.fixed_input:
         return [(1, None)]
     pairs: list[tuple[int, Optional[str]]] = [(1, None), (2, "bicubic"), (4, "bicubic")]
-    if loaded.thumbnail is not None and loaded.thumbnail[1] == "learned":
+    if loaded.thumbnail is not None and loaded.thumbnail[1] != "bicubic":
         pairs.append(loaded.thumbnail)
     return pairs
 

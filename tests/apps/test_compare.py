@@ -77,6 +77,13 @@ def test_each_scale_equals_predict_on_the_equivalent_checkpoint(tiny_dsod_checkp
     # The loaded model was not changed by the variants.
     assert _loaded(tiny_dsod_checkpoints["student"]).model.state_dict().keys() == loaded.model.state_dict().keys()
     assert loaded.thumbnail == (2, "learned")
+    # A student trained behind the aliased resize runs as trained, beside the antialiased thumbnails.
+    aliased_ckpt = _with_thumbnail(tiny_dsod_checkpoints["student"], tmp_path, {"scale": 4, "mode": "bicubic_aliased"})
+    aliased = _loaded(aliased_ckpt)
+    assert scales_for(aliased) == [(1, None), (2, "bicubic"), (4, "bicubic"), (4, "bicubic_aliased")]
+    own = compare_scales(aliased, read_image_bgr(mini_shapes_image), rounds=1, scales=[(4, "bicubic_aliased")])
+    assert [r.label for r in own.runs] == ["bicubic_aliased 1/4"] and own.runs[0].input_hw == (40, 40)
+    _assert_same(own.runs[0], _predicted(aliased_ckpt, mini_shapes_image, tmp_path / "aliased"))
     # GFLOPs fall with the input; every run was timed twice.
     assert runs["full"].gflops > runs["bicubic 1/2"].gflops > runs["bicubic 1/4"].gflops > 0
     assert all(len(r.times_ms) == 2 and r.latency_ms > 0 for r in result.runs)

@@ -19,7 +19,8 @@ convention.  ``mode="bicubic"`` is the baseline: an antialiased bicubic resize t
 the learned thumbnail's size (clamped to [0, 1], as a stored image would be);
 ``mode="bicubic_aliased"`` the same resize without anti-aliasing (the 4x4-tap
 bicubic of ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` and of
-``F.interpolate``'s default, which reads 4 of every 16 input pixels per axis at 4x).
+``F.interpolate``'s default at any scale, where the antialiased resize stretches
+the kernel to ``4 * scale`` taps per axis).
 ThumbDet's paper compares with "bicubic" thumbnails made by a script that is not
 in its repository, so which of the two it used is not known.
 
