@@ -5,10 +5,10 @@
         [--onnx MODEL.onnx ...] [--labelmap LABELMAP] [--rounds 5] [--no-onnxruntime]
 
 Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the
-detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its learned
-thumbnail (:mod:`apps.compare`), in PyTorch and, exported to ONNX, in onnxruntime.  The page shows the
-detections of each scale side by side, the thumbnails, a table of both latencies, their ratio, GFLOPs, detections
-and speed-up, and a chart of latency and detections against scale; the score threshold and the class filter
+detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its own
+(learned, or aliased bicubic) thumbnail (:mod:`apps.compare`), in PyTorch and, exported to ONNX, in onnxruntime.
+The page shows the detections of each scale side by side, the thumbnails, a table of both latencies, their
+ratio, GFLOPs, detections and speed-up, and a chart of latency and detections against scale; the score threshold and the class filter
 redraw without running the model again.  An ONNX file (``--onnx``, or uploaded) runs in onnxruntime at its
 export size, beside the same file converted to PyTorch by onnx2torch.  With no model flag the demo serves the
 README's main job (``runs/main/checkpoint.pth``) or says, in the page, how to make it.
@@ -281,7 +281,8 @@ def build_app(registry: ModelRegistry, rounds: int = 5, samples: Sequence[str] =
     names = list(registry.models)
     with gr.Blocks(title="legacy-det: detections across input scales") as app:
         gr.Markdown("# legacy-det: one detector at several input scales\n"
-                    "Full size, bicubic thumbnails (1/2, 1/4) and, for a ThumbDet student, its learned thumbnail: "
+                    "Full size, bicubic thumbnails (1/2, 1/4) and, for a ThumbDet student, its own thumbnail "
+                    "(learned, or bicubic without anti-aliasing): "
                     "detections, latency in PyTorch and in onnxruntime (each scale exported to ONNX; median of "
                     "several interleaved runs after a warm-up, batch 1, preprocessed image in, detections out), "
                     "GFLOPs of the forward pass and the speed-up over full size.  An ONNX file runs in onnxruntime "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -123,7 +124,6 @@ def test_thumbnail_sizes_and_normalization_round_trip(scale, size):
 def test_aliased_bicubic_is_opencvs_inter_cubic(scale):
     """``bicubic_aliased`` is the resize of ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)`` (no anti-aliasing);
     ``bicubic`` is not: it low-passes first, so on noise the two differ by far more than float rounding."""
-    cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(scale)
     pixels = rng.random((2, 3, 61, 90)).astype(np.float32)
     size = thumbnail_size(61, 90, scale)
