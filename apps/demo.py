@@ -4,13 +4,13 @@
         [--caffe NET.prototxt,WEIGHTS.caffemodel[,TRAIN.prototxt] ...] [--detr OFFICIAL.pth ...] \\
         [--onnx MODEL.onnx ...] [--labelmap LABELMAP] [--rounds 5] [--no-onnxruntime]
 
-Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the
-detector runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its own
-(learned, or aliased bicubic) thumbnail (:mod:`apps.compare`), in PyTorch and, exported to ONNX, in onnxruntime.
-The page shows the detections of each scale side by side, the thumbnails, a table of both latencies, their
-ratio, GFLOPs, detections and speed-up, and a chart of latency and detections against scale; the score threshold
-and the class filter redraw without running the model again.  An ONNX file (``--onnx``, or uploaded) runs in onnxruntime at its
-export size, beside the same file converted to PyTorch by onnx2torch.  With no model flag the demo serves the
+Pick a model and an image (a file, a webcam snapshot or a sample of the embedded ``shapes`` dataset); the detector
+runs at full size, behind bicubic 1/2 and 1/4 thumbnails and, for a ThumbDet student, behind its own (learned, or
+aliased bicubic) thumbnail (:mod:`apps.compare`), in PyTorch and, exported to ONNX, in onnxruntime. The page shows
+the detections of each scale side by side, the thumbnails, a table of both latencies, their ratio, GFLOPs,
+detections and speed-up, and a chart of latency and detections against scale; the score threshold and the class
+filter redraw without running the model again. An ONNX file (``--onnx``, or uploaded) runs in onnxruntime at its
+export size, beside the same file converted to PyTorch by onnx2torch. With no model flag the demo serves the
 README's main job (``runs/main/checkpoint.pth``) or says, in the page, how to make it.
 
 The same functions answer Gradio's API (``gradio_client``): ``/compare`` (model, image file, webcam image,
